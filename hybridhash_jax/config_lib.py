@@ -1,0 +1,79 @@
+"""The one schema every config file fills in, and its early validation.
+
+Config files under `configs/` start from `base_config()` and override fields, so a
+misspelt key fails under `lock_config=True` and every run has the same fields.
+"""
+
+import ml_collections
+
+PAPER_MODEL = dict(
+    img_size=224,
+    patch_size=4,
+    embed_dims=(128, 256, 512),
+    num_heads=(4, 8, 16),
+    depths=(2, 2, 15),
+    mlp_ratio=4.0,
+    drop_path_rate=0.5,
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the paper's model and optimiser; the data fields are set per dataset."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      **PAPER_MODEL,
+      bits=64,
+      token_layout="reference",  # "reference" reproduces the global-attention quirk; "spatial" is the clean form.
+      interaction=True,  # False: NesT's plain conv-LN-maxpool between levels.
+      hash_global=True,  # False: the hash layer without its global-attention branch.
+      dtype="float32",  # compute dtype; "bfloat16" on accelerators.
+      param_dtype="float32",
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="cifar10",  # cifar10 | listfile | folder | digits
+      protocol="cifar10",  # cifar10 protocols: cifar10 | cifar10-1 | cifar10-2
+      source="tfds",  # cifar10: tfds | archive
+      root="",  # images (listfile, folder) or the CIFAR-10 archive folder
+      list_dir="",  # listfile: folder holding train.txt, test.txt, database.txt
+      tfds_data_dir="",
+      num_classes=10,
+      top_k=-1,  # mAP@K; -1 means the whole database
+      split_seed=0,
+      query_per_class=100,  # folder datasets
+      train_per_class=500,  # folder datasets
+      on_bad_image="error",  # error | skip
+      num_workers=2,
+      prefetch_buffer_size=2,
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      alpha=0.5,
+      memory_bank_size=-1,  # -1: the training-set size; 10000 reproduces the reference's CIFAR quirk.
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="rmsprop",  # rmsprop (PyTorch semantics) | adamw
+      learning_rate=2.5e-5,
+      weight_decay=1e-5,
+      rmsprop_decay=0.99,
+      eps=1e-8,
+      schedule="constant",  # constant | warmup_cosine
+      warmup_steps=0,
+  ))
+
+  c.batch_size = 64  # global batch
+  c.eval_batch_size = 128
+  c.num_epochs = 12
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.eval_every_epochs = 3
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.init_checkpoint = ""  # params only, e.g. converted NesT-B weights
+  c.eval_only = False
+  c.eval_step = -1  # eval_only: -1 restores the latest checkpoint
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all devices left over
+  return c

@@ -1,0 +1,20 @@
+"""Test setup: four simulated CPU devices, set before any JAX backend starts."""
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_platforms", "cpu")
+
+SHARED = pathlib.Path(os.environ.get("HYBRIDHASH_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
+GOLDEN = SHARED / "spec" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+  if not GOLDEN.is_dir():
+    pytest.fail(f"golden files not found at {GOLDEN}; set HYBRIDHASH_SHARED to the shared/ folder")
+  return GOLDEN
