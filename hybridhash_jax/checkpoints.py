@@ -13,33 +13,37 @@ Converted weights (`python -m hybridhash_jax.convert`) are a step-0 checkpoint w
 import json
 from typing import Any
 
-import jax
+import grain
 import orbax.checkpoint as ocp
 
-MODEL_FIELDS_THAT_SHAPE_PARAMS = (
+MODEL_FIELDS = tuple(f"model.{k}" for k in (
     "img_size", "patch_size", "embed_dims", "num_heads", "depths", "bits", "mlp_ratio",
-    "interaction", "hash_global",
-)
+    "interaction", "hash_global"))
+# Resuming also needs the same bank shape, split and data order.
+RESUME_FIELDS = MODEL_FIELDS + (
+    "seed", "batch_size", "data.name", "data.protocol", "data.num_classes", "data.split_seed",
+    "loss.memory_bank_size")
 
 
 def _jsonable(tree: Any) -> Any:
   return json.loads(json.dumps(tree, default=list))
 
 
-def model_mismatch(saved: dict, wanted: dict) -> list[str]:
-  """Names the model fields whose values differ, as 'field: saved X, config Y'."""
-  out = []
-  for k in MODEL_FIELDS_THAT_SHAPE_PARAMS:
-    a, b = _jsonable(saved.get(k)), _jsonable(wanted.get(k))
-    if a != b:
-      out.append(f"model.{k}: checkpoint has {a}, config has {b}")
-  return out
+def _get(tree: dict, dotted: str) -> Any:
+  for key in dotted.split("."):
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
 
 
-def check_compatible(saved_config: dict, model_config: dict, where: str) -> None:
-  diffs = model_mismatch(saved_config.get("model", {}), model_config)
+def check_compatible(saved_config: dict, config: dict, where: str, fields=MODEL_FIELDS) -> None:
+  """Refuses a checkpoint whose config differs in `fields`, naming each one."""
+  saved_config, config = _jsonable(saved_config), _jsonable(config)
+  diffs = [f"{f}: checkpoint has {_get(saved_config, f)!r}, config has {_get(config, f)!r}"
+           for f in fields if _get(saved_config, f) != _get(config, f)]
   if diffs:
-    raise ValueError(f"checkpoint {where} was written for another model:\n  " + "\n  ".join(diffs))
+    raise ValueError(f"checkpoint {where} was written for another model or run:\n  " + "\n  ".join(diffs))
 
 
 def save_params(directory: str, params: Any, config: dict, step: int = 0) -> None:
@@ -50,16 +54,45 @@ def save_params(directory: str, params: Any, config: dict, step: int = 0) -> Non
     mngr.wait_until_finished()
 
 
-def restore_params(directory: str, abstract_params: Any, model_config: dict, step: int | None = None):
+def restore_params(directory: str, abstract_params: Any, config: dict, step: int | None = None):
   """Restores params (onto the shardings of `abstract_params`) and the saved config.
 
-  Refuses, naming the fields, a checkpoint whose model differs from `model_config`.
+  Refuses, naming the fields, a checkpoint whose model differs from `config["model"]`.
   """
   with ocp.CheckpointManager(directory) as mngr:
     step = mngr.latest_step() if step is None or step < 0 else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint found in {directory}")
     saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    check_compatible(saved_config, _jsonable(model_config), f"{directory} (step {step})")
+    check_compatible(saved_config, config, f"{directory} (step {step})")
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
   return restored["params"], saved_config, step
+
+
+def manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  """An async manager: saving overlaps the next train steps."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=True))
+
+
+def save_train(mngr: ocp.CheckpointManager, step: int, params: Any, train: Any, data_iter: Any,
+               config: dict) -> None:
+  """Saves a training step: everything a resumed run needs to continue bit for bit."""
+  mngr.save(step, force=True, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      train=ocp.args.StandardSave(train),
+      data_iter=grain.checkpoint.CheckpointSave(data_iter),
+      config=ocp.args.JsonSave(_jsonable(config))))
+
+
+def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_params: Any, abstract_train: Any,
+                  data_iter: Any, config: dict):
+  """Restores a training step onto the given shardings; the data iterator is restored in place."""
+  where = f"{mngr.directory} (step {step})"
+  saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  check_compatible(saved_config, config, where, RESUME_FIELDS)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params),
+      train=ocp.args.StandardRestore(abstract_train),
+      data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+  return restored["params"], restored["train"]

@@ -77,3 +77,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_step = -1  # eval_only: -1 restores the latest checkpoint
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all devices left over
   return c
+
+
+_CHOICES = {
+    "model.token_layout": ("reference", "spatial"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "data.name": ("cifar10", "listfile", "folder", "digits"),
+    "data.on_bad_image": ("error", "skip"),
+    "optimizer.name": ("rmsprop", "adamw"),
+    "optimizer.schedule": ("constant", "warmup_cosine"),
+}
+_POSITIVE = ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+             "model.bits", "optimizer.learning_rate")
+
+
+def _get(config, dotted: str):
+  for key in dotted.split("."):
+    config = config[key]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails early, naming the field, on values no run can use (the model checks its own shapes)."""
+  for field, choices in _CHOICES.items():
+    if _get(config, field) not in choices:
+      raise ValueError(f"config.{field}={_get(config, field)!r} is not one of {choices}")
+  for field in _POSITIVE:
+    if not _get(config, field) > 0:
+      raise ValueError(f"config.{field}={_get(config, field)!r} must be > 0")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("config.num_epochs must be > 0 (or set config.num_train_steps)")

@@ -1,0 +1,34 @@
+"""Metrics to `workdir/metrics.jsonl` and TensorBoard event files, from process 0 only."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """Appends one JSON line per write and mirrors scalars to TensorBoard (tensorboardX)."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items() if np.ndim(v) == 0}
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self._jsonl.close()
+      self._tb.close()

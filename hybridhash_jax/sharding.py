@@ -1,0 +1,69 @@
+"""The device mesh and the rules that place arrays on it.
+
+One code path for 1 CPU, 8 GPUs or a TPU pod slice: the batch is split over every
+device (`data` x `fsdp`), params are replicated, or, with `mesh.fsdp > 1`, large
+params and their optimiser state are split over the `fsdp` axis (FSDP).
+"""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+FSDP_MIN_SIZE = 2**16  # smaller leaves stay replicated: splitting them costs more than it saves.
+
+
+def make_mesh(mesh_config) -> Mesh:
+  """Builds a (data, fsdp) mesh; `data=-1` takes all devices the fsdp axis leaves."""
+  n = jax.device_count()
+  fsdp = int(mesh_config.fsdp)
+  data = int(mesh_config.data)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the {n} devices")
+  if data == -1:
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices")
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+  """Splits the largest axis divisible by the fsdp size, for leaves worth splitting."""
+  if fsdp_size == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+    return P()
+  for axis in np.argsort(shape)[::-1]:
+    if shape[axis] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(mesh: Mesh, abstract_tree):
+  """Shardings for a params-shaped tree (params, optimiser state): by shape, so both agree."""
+  size = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, size)), abstract_tree)
+
+
+def global_batch(mesh: Mesh, local_batch: dict) -> dict:
+  """Assembles each process's slice of the batch into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:
+  """The rows this process feeds; the global batch must split evenly over every device."""
+  n = mesh.size
+  if global_batch_size % n:
+    raise ValueError(f"{field}={global_batch_size} must be divisible by the {n} devices of the mesh")
+  return global_batch_size // jax.process_count()
