@@ -1,0 +1,83 @@
+"""The weighted maximum-likelihood (WMLE) pairwise loss against a memory bank (spec section 5).
+
+Each batch code u_i is compared with every row of a bank (U, Y) that holds the latest
+detached code and label of each training image, so one batch sees pairs with the whole
+training set. The bank lives in the train state; these are pure functions of it, in plain
+jnp, so a jitted, sharded train step partitions them like any other op.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # float32 dots even where the default is TF32/bf16.
+
+
+def bank_size(memory_bank_size: int, num_train: int) -> int:
+  """Rows of the bank: -1 means the training-set size.
+
+  A larger bank reproduces the reference's CIFAR-10 quirk (10,000 rows for 5,000 images):
+  the rows never written stay zero and count as dissimilar pairs with theta = 0.
+  """
+  if memory_bank_size == -1:
+    return num_train
+  if memory_bank_size < num_train:
+    raise ValueError(
+        f"loss.memory_bank_size={memory_bank_size} is smaller than the training set "
+        f"({num_train} images); use -1 for the training-set size.")
+  return memory_bank_size
+
+
+def init_bank(num_rows: int, bits: int, num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Zero bank U (num_rows, bits) and Y (num_rows, num_classes), float32 as in the reference."""
+  return (jnp.zeros((num_rows, bits), jnp.float32),
+          jnp.zeros((num_rows, num_classes), jnp.float32))
+
+
+def update_bank(U: jax.Array, Y: jax.Array, u: jax.Array, y: jax.Array,
+                index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Writes the batch's detached codes and labels into rows `index` of the bank.
+
+  `index` holds dataset rows in [0, num_rows); a batch should not repeat one. If it does,
+  which of the duplicates lands is unspecified (XLA scatter), as in the reference.
+  """
+  U, Y = jnp.asarray(U), jnp.asarray(Y)
+  u = jax.lax.stop_gradient(u).astype(U.dtype)
+  y = jax.lax.stop_gradient(y).astype(Y.dtype)
+  # The bank keeps its own sharding; under explicit mesh axes JAX cannot infer it from a
+  # batch-sharded update.
+  return (U.at[index].set(u, out_sharding=jax.typeof(U).sharding),
+          Y.at[index].set(y, out_sharding=jax.typeof(Y).sharding))
+
+
+def wmle_loss(u: jax.Array, y: jax.Array, U: jax.Array, Y: jax.Array,
+              alpha: float = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Class-balanced pairwise log-likelihood of the batch (u, y) against the bank (U, Y).
+
+  With s = [y_i . Y_j > 0], theta = alpha * u_i . U_j and l = softplus(theta) - s * theta,
+  similar pairs weigh S / S1 and dissimilar ones S / S0, and the loss is sum(w * l) / S.
+  That equals mean(l | similar) + mean(l | dissimilar), so when a class has no pairs its
+  (undefined) weight is irrelevant: it contributes 0, as in the reference, never NaN.
+  Computed in float32 whatever u's dtype; the gradient flows through u only.
+
+  Returns:
+    loss, and aux with the pair counts and the mean theta for logging.
+  """
+  u = jnp.asarray(u, jnp.float32)
+  U = jax.lax.stop_gradient(U).astype(jnp.float32)
+  Y = jax.lax.stop_gradient(Y).astype(jnp.float32)
+  # Pairs are laid out like the batch (B, bank rows): a row-sharded bank is gathered.
+  pairs = jax.typeof(u).sharding
+  similar = jnp.dot(y.astype(jnp.float32), Y.T, precision=_HIGHEST, out_sharding=pairs) > 0
+  theta = alpha * jnp.dot(u, U.T, precision=_HIGHEST, out_sharding=pairs)
+  s = similar.astype(jnp.float32)
+  l = jnp.log1p(jnp.exp(-jnp.abs(theta))) + jnp.maximum(theta, 0.0) - s * theta
+
+  n_similar = jnp.sum(s)
+  n_dissimilar = s.size - n_similar
+  n_pairs = jnp.float32(s.size)
+  w = jnp.where(similar, n_pairs / jnp.maximum(n_similar, 1.0),
+                n_pairs / jnp.maximum(n_dissimilar, 1.0))
+  loss = jnp.sum(w * l) / n_pairs
+  aux = dict(pairs_similar=n_similar, pairs_dissimilar=n_dissimilar,
+             theta_mean=jnp.mean(theta))
+  return loss, aux
