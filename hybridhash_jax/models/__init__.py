@@ -1,0 +1,7 @@
+"""The HybridHash model and its presets."""
+
+from hybridhash_jax.models.hybridhash import (
+    PRESETS, HybridHash, from_config, hybridhash_paper, hybridhash_tiny32, hybridhash_tiny112, model_config)
+
+__all__ = ["PRESETS", "HybridHash", "from_config", "hybridhash_paper", "hybridhash_tiny32",
+           "hybridhash_tiny112", "model_config"]

@@ -1,0 +1,105 @@
+"""The NesT pieces HybridHash reuses: blocking, block-local transformer layers, init.
+
+Layouts follow timm's NesT (which the NesT-B and HybridHash weights assume): qkv features
+are ordered (q|k|v, head, dim) and heads are merged head-minor (channel = dim * heads + head).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The reference draws weights from N(0, .02) truncated at +-2 *absolute*, i.e. +-100 sigma:
+# the truncation never fires, so a plain normal is the same distribution.
+weight_init = nn.initializers.normal(0.02)
+LN_EPS = 1e-6
+
+
+def layer_norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+  # Flax reduces LayerNorm statistics in float32 even for bfloat16 inputs.
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def blockify(x: jax.Array, block: int) -> jax.Array:
+  """(B, H, W, C) -> (B, T, N, C): blocks row-major, tokens row-major inside a block."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // block) * (w // block), block * block, c)
+
+
+def deblockify(x: jax.Array, block: int) -> jax.Array:
+  """Inverse of `blockify` for a square grid of blocks."""
+  b, t, _, c = x.shape
+  grid = round(t ** 0.5)
+  x = x.reshape(b, grid, grid, block, block, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid * block, grid * block, c)
+
+
+def multi_head_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
+  """Softmax attention over axis -2 of `qkv` (..., N, 3C); returns (..., N, C) head-minor.
+
+  Logits and softmax are float32 whatever the compute dtype; the value product is not.
+  """
+  *lead, n, c3 = qkv.shape
+  c = c3 // 3
+  d = c // num_heads
+  q, k, v = jnp.moveaxis(qkv.reshape(*lead, n, 3, num_heads, d), -3, 0)
+  logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits * d ** -0.5, axis=-1).astype(v.dtype)
+  # Writing the output as (..., q, d, h) is the head-minor merge, with no extra transpose.
+  out = jnp.einsum("...hqk,...khd->...qdh", weights, v)
+  return out.reshape(*lead, n, c)
+
+
+class Attention(nn.Module):
+  """Block-local multi-head self-attention on (B, T, N, C)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    dense = lambda f, name: nn.Dense(f, kernel_init=weight_init, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    y = multi_head_attention(dense(3 * c, "qkv")(x), self.num_heads)
+    return dense(c, "proj")(y)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda f, name: nn.Dense(f, kernel_init=weight_init, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    y = nn.gelu(dense(self.hidden, "fc1")(x), approximate=False)  # exact erf GELU
+    return dense(x.shape[-1], "fc2")(y)
+
+
+class TransformerLayer(nn.Module):
+  """Pre-norm layer with per-sample stochastic depth on both residual branches."""
+  num_heads: int
+  mlp_ratio: float
+  drop_path: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _drop_path(self, y, train):
+    if not train or self.drop_path == 0.0:
+      return y
+    keep = 1.0 - self.drop_path
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep, 0).astype(y.dtype)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = layer_norm("norm1", **kw)(x)
+    x = x + self._drop_path(Attention(self.num_heads, name="attn", **kw)(y), train)
+    y = layer_norm("norm2", **kw)(x)
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    return x + self._drop_path(Mlp(hidden, name="mlp", **kw)(y), train)
