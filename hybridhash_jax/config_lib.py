@@ -83,8 +83,6 @@ _CHOICES = {
     "model.token_layout": ("reference", "spatial"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "data.name": ("cifar10", "listfile", "folder", "digits"),
-    "data.on_bad_image": ("error", "skip"),
     "optimizer.name": ("rmsprop", "adamw"),
     "optimizer.schedule": ("constant", "warmup_cosine"),
 }
@@ -99,7 +97,10 @@ def _get(config, dotted: str):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Fails early, naming the field, on values no run can use (the model checks its own shapes)."""
+  """Fails early, naming the field, on values no run can use.
+
+  The model checks its own shapes and `input_pipeline.validate` the `data` fields.
+  """
   for field, choices in _CHOICES.items():
     if _get(config, field) not in choices:
       raise ValueError(f"config.{field}={_get(config, field)!r} is not one of {choices}")

@@ -3,11 +3,13 @@
 import os
 import pathlib
 
+from absl import flags
 import jax
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_platforms", "cpu")
+flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; pytest never parses them.
 
 SHARED = pathlib.Path(os.environ.get("HYBRIDHASH_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
 GOLDEN = SHARED / "spec" / "golden"

@@ -1,0 +1,1 @@
+"""Datasets as grain random-access sources: CIFAR-10, list files, image folders, digits."""

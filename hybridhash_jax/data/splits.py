@@ -1,0 +1,69 @@
+"""Seeded per-class splits, written to the workdir once and reused from it.
+
+Reuse is what makes evaluation, resumed runs and other hosts see the split that training saw,
+even if the seeded draw or the files on disk change later. The seed drives
+`numpy.random.default_rng`, so a seed gives the same split on any machine.
+"""
+
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+SPLITS_FILE = "splits.json"
+SPLIT_NAMES = ("query", "train", "database")
+
+
+def per_class(classes: np.ndarray, query_per_class: int, train_per_class: int, seed: int,
+              database: str = "rest", *, where: str = "dataset", class_names=None) -> dict[str, np.ndarray]:
+  """Rows of each split: per class, a seeded permutation gives `query_per_class` queries, then
+  `train_per_class` training rows, then the rest. `database` is "rest", "train+rest" (the training
+  rows are drawn from the database) or "train" (the database is the training set).
+  Each split lists its rows in ascending order.
+  """
+  rng = np.random.default_rng(seed)
+  num_classes = int(classes.max()) + 1
+  need = query_per_class + train_per_class + (database == "rest")
+  parts = {name: [] for name in ("query", "train", "rest")}
+  for c in range(num_classes):
+    rows = np.flatnonzero(classes == c)
+    if len(rows) < need:
+      name = class_names[c] if class_names is not None else c
+      raise ValueError(
+          f"{where}: class {name!r} has {len(rows)} images, fewer than the {need} the split needs "
+          f"(config.data.query_per_class={query_per_class}, config.data.train_per_class={train_per_class}"
+          f"{', and one for the database' if database == 'rest' else ''})")
+    rows = rng.permutation(rows)
+    parts["query"].append(rows[:query_per_class])
+    parts["train"].append(rows[query_per_class:query_per_class + train_per_class])
+    parts["rest"].append(rows[query_per_class + train_per_class:])
+  query, train, rest = (np.sort(np.concatenate(parts[k])) for k in ("query", "train", "rest"))
+  db = {"rest": rest, "train+rest": np.sort(np.concatenate([train, rest])), "train": train}[database]
+  return {"query": query, "train": train, "database": db}
+
+
+def load_or_make(workdir: str | None, meta: dict, make: Callable[[], dict]) -> dict:
+  """`workdir/splits.json` if present (after checking it was made for `meta`), else `make()` saved there.
+
+  Split entries are whatever `make` returns per split (row numbers or relative file paths).
+  """
+  if not workdir:
+    return make()
+  path = os.path.join(workdir, SPLITS_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    diffs = [f"{k}: {path} has {saved['meta'].get(k)!r}, config has {v!r}"
+             for k, v in meta.items() if saved["meta"].get(k) != v]
+    if diffs:
+      raise ValueError(f"the saved split {path} was made for other data; use a fresh workdir or delete it:\n  "
+                       + "\n  ".join(diffs))
+    return {k: np.asarray(saved[k]) for k in SPLIT_NAMES}
+  splits = make()
+  os.makedirs(workdir, exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"meta": meta, **{k: np.asarray(splits[k]).tolist() for k in SPLIT_NAMES}}, f)
+  os.replace(tmp, path)  # atomic: hosts sharing the workdir write the same bytes
+  return splits
