@@ -1,0 +1,137 @@
+"""Benchmark: the jitted stable mAP kernel against a NumPy per-query argsort loop, in the same run.
+
+Synthetic class-structured codes: each class has a random prototype code and every item flips each
+bit with probability --flip, so distances repeat a lot (many ties). The baseline has the
+reference's structure (one matvec and one argsort per query, float32 codes) but sorts with
+kind="stable", the tie order ours defines. Each side runs in its own subprocess so that its peak
+resident memory (ru_maxrss) is its own. Prints JSON.
+
+  python experiments/bench_map.py --sizes cifar,imagenet --repeats 3
+  python experiments/bench_map.py --sizes custom --queries 5000 --db 1000000 --top_k 1000 \
+      --baseline_queries 200   # GPU scale; the baseline runs on the first 200 queries only
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+SIZES = dict(
+    cifar=dict(queries=1000, db=54000, bits=64, classes=10, top_k=-1),
+    imagenet=dict(queries=5000, db=128503, bits=64, classes=100, top_k=1000),
+)
+
+
+def make_data(queries, db, bits, classes, flip, seed=0):
+  """±1 float32 codes around class prototypes, and one-hot labels."""
+  rng = np.random.default_rng(seed)
+  protos = rng.choice(np.float32([-1, 1]), (classes, bits))
+
+  def draw(n):
+    y = rng.integers(0, classes, n)
+    codes = protos[y] * np.where(rng.random((n, bits)) < flip, -1, 1).astype(np.float32)
+    return codes, np.eye(classes, dtype=np.float32)[y]
+
+  return (*draw(queries), *draw(db))
+
+
+def baseline_ap(q_codes, db_codes, q_labels, db_labels, top_k):
+  """Per-query APs with the reference's loop, but a stable argsort."""
+  bits = q_codes.shape[1]
+  k = len(db_codes) if top_k == -1 else top_k
+  aps = np.zeros(len(q_codes))
+  for i in range(len(q_codes)):
+    relevant = (q_labels[i] @ db_labels.T > 0).astype(np.float32)
+    hamming = 0.5 * (bits - q_codes[i] @ db_codes.T)
+    ranked = relevant[np.argsort(hamming, kind="stable")][:k]
+    total = int(ranked.sum())
+    if total:
+      aps[i] = np.mean(np.arange(1, total + 1) / (np.flatnonzero(ranked) + 1.0))
+  return aps
+
+
+def _peak_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_kernel(data, top_k, repeats, chunk_size, out):
+  import jax  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import metrics  # pylint: disable=g-import-not-at-top
+  q_codes, q_labels, db_codes, db_labels = data
+  t0 = time.perf_counter()
+  first = float(metrics.mean_average_precision(q_codes, db_codes, q_labels, db_labels, top_k,
+                                               chunk_size=chunk_size))
+  compile_and_run = time.perf_counter() - t0
+  steady = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    value = metrics.mean_average_precision(q_codes, db_codes, q_labels, db_labels, top_k, chunk_size=chunk_size)
+    value = float(jax.block_until_ready(value))
+    steady.append(time.perf_counter() - t0)
+  assert value == first
+  out.put(dict(map=value, first_call_s=compile_and_run, steady_s=min(steady), steady_all_s=steady,
+               device=str(jax.devices()[0].device_kind), platform=jax.default_backend(), peak_rss_mb=_peak_mb()))
+
+
+def run_baseline(data, top_k, out):
+  q_codes, q_labels, db_codes, db_labels = data
+  t0 = time.perf_counter()
+  aps = baseline_ap(q_codes, db_codes, q_labels, db_labels, top_k)
+  out.put(dict(map=float(aps.mean()), time_s=time.perf_counter() - t0, peak_rss_mb=_peak_mb()))
+
+
+def _in_subprocess(target, *args):
+  ctx = multiprocessing.get_context("spawn")
+  queue = ctx.Queue()
+  proc = ctx.Process(target=target, args=(*args, queue))
+  proc.start()
+  result = queue.get()
+  proc.join()
+  return result
+
+
+def bench(name, spec, args):
+  data = make_data(spec["queries"], spec["db"], spec["bits"], spec["classes"], args.flip)
+  nb = min(args.baseline_queries or spec["queries"], spec["queries"])
+  subset = (data[0][:nb], data[1][:nb], data[2], data[3])
+  kernel = _in_subprocess(run_kernel, data, spec["top_k"], args.repeats, args.chunk_size)
+  kernel_subset = kernel if nb == spec["queries"] else _in_subprocess(run_kernel, subset, spec["top_k"], 1,
+                                                                       args.chunk_size)
+  base = _in_subprocess(run_baseline, subset, spec["top_k"])
+  base_full_s = base["time_s"] * spec["queries"] / nb
+  return dict(
+      size=name, **spec, flip=args.flip, baseline_queries=nb,
+      kernel=kernel, baseline=dict(base, time_s_scaled_to_all_queries=base_full_s),
+      map_kernel_on_baseline_queries=kernel_subset["map"],
+      map_abs_diff=abs(kernel_subset["map"] - base["map"]),
+      speedup=base_full_s / kernel["steady_s"],
+      load_average=os.getloadavg())
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="cifar,imagenet", help="comma list of cifar, imagenet, custom")
+  parser.add_argument("--repeats", type=int, default=3, help="steady-state calls; the best is reported")
+  parser.add_argument("--queries", type=int, default=5000, help="custom size")
+  parser.add_argument("--db", type=int, default=1_000_000, help="custom size")
+  parser.add_argument("--bits", type=int, default=64, help="custom size")
+  parser.add_argument("--classes", type=int, default=100, help="custom size")
+  parser.add_argument("--top_k", type=int, default=1000, help="custom size; -1 = whole database")
+  parser.add_argument("--flip", type=float, default=0.2, help="per-bit flip probability around the prototype")
+  parser.add_argument("--baseline_queries", type=int, default=0, help="run the baseline on this many queries "
+                      "(0 = all) and scale its time to all of them")
+  parser.add_argument("--chunk_size", type=int, default=None, help="queries per chunk (default: memory budget)")
+  args = parser.parse_args(argv)
+  sizes = dict(SIZES, custom=dict(queries=args.queries, db=args.db, bits=args.bits, classes=args.classes,
+                                  top_k=args.top_k))
+  results = [bench(name, sizes[name], args) for name in args.sizes.split(",")]
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,348 @@
+"""Hamming-ranking retrieval metrics (spec section 8): exact, tie-stable and sort-free.
+
+Ranking. The database is ranked by Hamming distance, ties broken by database index (a stable
+order), so the result does not depend on a sort's tie order. `top_k` None or -1 means the whole
+database (not the reference's drop-the-last-item quirk). Relevant means sharing at least one label.
+AP is the mean, over the relevant items ranked within the top K, of (relevant items up to and
+including it) / (its rank); a query with none scores 0; mAP = sum(AP) / number of queries.
+
+Codes. Real codes are binarised by sign with sign(0) -> +1 (bit set when code >= 0); `pack_codes`
+stores them as uint32 words, and distance is a popcount of XORed words. Already-packed uint32
+codes are accepted with `num_bits`.
+
+Why no sort. A comparison sort of a 1,000 x 54,000 distance matrix takes seconds under XLA:CPU,
+but distances take only bits + 1 values, so a stable rank is a count:
+  rank_j = #{i: d_i < d_j} + #{i <= j: d_i = d_j}.
+The database is cut into groups of `_GROUP` consecutive items. Within a group the second count is
+a handful of elementwise uint8 compares; across groups it is a per-(distance, group) histogram with
+an exclusive prefix over groups (two small triangular matmuls). One gather per item then reads its
+group's base rank; the count of relevant items up to j is the same construction restricted to
+relevant items. Work is O(queries x database x (bits + 1)) with no host loop; only one query chunk
+of (chunk, database) arrays exists at a time, and the chunk size follows a memory budget.
+On a loaded 2-core CPU this is ~3x faster than a NumPy argsort loop, not the 10x aimed for: XLA:CPU
+spends most of the time on the (chunk, bits + 1, groups) tables and the gathers.
+
+Sharding. With a `Mesh`, the database is split over `axis_name` (contiguous index ranges); each
+device counts its shard, the per-device histograms are all-gathered to give every shard its
+offset (items of earlier shards at each distance), and the per-query sums are psum-ed.
+
+Histogram-derived metrics (tie-aware mAP, PR curve by radius, precision within radius 2) are
+computed on the host in float64 from the per-query distance histograms: the harmonic-number
+differences of the tie-aware closed form cancel badly in float32.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy import special
+
+_GROUP = 32  # items per group: local counts fit uint8; tables hold (bits + 1) / 32 entries per item
+_FAR = 255  # uint8 distance given to padding items: matches no bucket, ranks after everything
+DEFAULT_CUTOFFS = tuple(range(100, 1001, 100))  # precision@N curve points
+_TABLE_BYTES = 8 << 20  # per-chunk budget for the f32 (query, distance, group) rank tables
+
+
+def pack_codes(codes) -> np.ndarray:
+  """Real codes (n, bits) -> uint32 words (n, ceil(bits / 32)); bit b of word w is code[32w + b] >= 0."""
+  codes = np.asarray(codes)
+  if codes.ndim != 2:
+    raise ValueError(f"codes must be (n, bits), got shape {codes.shape}")
+  return _pack_bits(codes >= 0)
+
+
+def _pack_bits(bits: np.ndarray) -> np.ndarray:
+  n, b = bits.shape
+  words = -(-b // 32)
+  padded = np.zeros((n, words * 32), np.uint64)
+  padded[:, :b] = bits
+  weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
+  return (padded.reshape(n, words, 32) * weights).sum(-1).astype(np.uint32)
+
+
+def _codes_and_bits(codes, num_bits, name):
+  codes = np.asarray(codes)
+  if codes.ndim != 2:
+    raise ValueError(f"{name} must be 2-D (n, bits) or packed uint32 (n, words), got shape {codes.shape}")
+  if codes.dtype == np.uint32:
+    if num_bits is None:
+      raise ValueError(f"{name} is packed uint32: pass num_bits")
+    if not 0 < num_bits <= 32 * codes.shape[1]:
+      raise ValueError(f"num_bits={num_bits} does not fit {name}'s {codes.shape[1]} words")
+    return codes, num_bits
+  if num_bits is not None and num_bits != codes.shape[1]:
+    raise ValueError(f"num_bits={num_bits} but {name} has {codes.shape[1]} columns")
+  return pack_codes(codes), codes.shape[1]
+
+
+def _pack_labels(labels, name) -> np.ndarray:
+  """Multi-hot (n, classes) or class ids (n,) -> uint32 label words; relevance is a nonzero AND."""
+  labels = np.asarray(labels)
+  if labels.ndim == 1:
+    if not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+      raise ValueError(f"1-D {name} must be non-negative integer class ids")
+    labels = np.eye(int(labels.max()) + 1, dtype=bool)[labels]
+  if labels.ndim != 2:
+    raise ValueError(f"{name} must be multi-hot (n, classes) or class ids (n,), got shape {labels.shape}")
+  return _pack_bits(labels > 0)
+
+
+def _group_layout(words: np.ndarray, num_groups: int) -> np.ndarray:
+  """(n, W) -> (W, _GROUP, num_groups): item j = g * _GROUP + t sits at [:, t, g]; padding is zero."""
+  n, w = words.shape
+  out = np.zeros((num_groups * _GROUP, w), words.dtype)
+  out[:n] = words
+  return np.ascontiguousarray(out.reshape(num_groups, _GROUP, w).transpose(2, 1, 0))
+
+
+def _prefix_sum(x, block=32):
+  """Inclusive prefix sum over the last axis, exact in float32 (< 2**24), as two triangular matmuls.
+
+  XLA:CPU's cumsum costs several ns per element here; blocked matmuls run on the BLAS path.
+  """
+  n = x.shape[-1]
+  x = jnp.pad(x.astype(jnp.float32), [(0, 0)] * (x.ndim - 1) + [(0, -n % block)])
+  x = x.reshape(*x.shape[:-1], -1, block)
+  inner = x @ jnp.triu(jnp.ones((block, block), jnp.float32))
+  totals = inner[..., -1]
+  offsets = totals @ jnp.triu(jnp.ones((totals.shape[-1],) * 2, jnp.float32), 1)
+  return (inner + offsets[..., None]).reshape(*x.shape[:-2], -1)[..., :n]
+
+
+def _chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, axis_name):
+  """Per-query sums for one query chunk against one database shard (all counts are exact).
+
+  Returns (sum of precisions at relevant items in the top K, number of them, hits at each cutoff,
+  distance histogram, relevant-item distance histogram), summed over shards.
+  """
+  qc, t_size, g_size = q_words.shape[0], db_words.shape[1], db_words.shape[2]
+  d = sum(lax.population_count(q_words[:, w, None, None] ^ db_words[w][None]) for w in range(db_words.shape[0]))
+  d = jnp.where(valid[None], d, _FAR).astype(jnp.uint8)  # (qc, T, G)
+  rel = functools.reduce(jnp.logical_or, [(q_labels[:, w, None, None] & db_labels[w][None]) != 0
+                                          for w in range(db_labels.shape[0])])
+  # Earlier items of the same group at the same distance: all of them, and the relevant ones.
+  rows = [d[:, t] for t in range(t_size)]
+  rels = [rel[:, t] for t in range(t_size)]
+  zero = jnp.zeros((qc, g_size), jnp.uint8)
+  local = jnp.stack([zero] + [sum((rows[s] == rows[t]).astype(jnp.uint8) for s in range(t))
+                              for t in range(1, t_size)], 1)
+  rlocal = jnp.stack([zero] + [sum(((rows[s] == rows[t]) & rels[s]).astype(jnp.uint8) for s in range(t))
+                               for t in range(1, t_size)], 1)
+  # Per-(distance, group) histograms and their exclusive prefix over groups.
+  hist = jnp.stack([sum((r == v).astype(jnp.uint8) for r in rows) for v in range(num_buckets)], 1)
+  rhist = jnp.stack([sum(((r == v) & e).astype(jnp.uint8) for r, e in zip(rows, rels))
+                     for v in range(num_buckets)], 1)
+  hinc, rhinc = _prefix_sum(hist), _prefix_sum(rhist)
+  tot, rtot = hinc[:, :, -1].astype(jnp.int32), rhinc[:, :, -1].astype(jnp.int32)
+  if axis_name is None:
+    before, rbefore, tot_all, rtot_all = 0, 0, tot, rtot
+  else:
+    every, revery = lax.all_gather(tot, axis_name), lax.all_gather(rtot, axis_name)  # (shards, qc, V)
+    earlier = (jnp.arange(every.shape[0]) < lax.axis_index(axis_name))[:, None, None]
+    before, rbefore = (every * earlier).sum(0), (revery * earlier).sum(0)
+    tot_all, rtot_all = every.sum(0), revery.sum(0)
+  c_lt = jnp.cumsum(tot_all, axis=1) - tot_all
+  r_lt = jnp.cumsum(rtot_all, axis=1) - rtot_all
+  # Rank of the first item of bucket v in group g, and the relevant count just before it.
+  base = (c_lt + before + 1).astype(jnp.float32)[:, :, None] + hinc - hist
+  rbase = (r_lt + rbefore + 1).astype(jnp.float32)[:, :, None] + rhinc - rhist
+  bucket = jnp.minimum(d, num_buckets - 1).astype(jnp.int32)
+  rank = jnp.take_along_axis(base, bucket, axis=1, mode="promise_in_bounds") + local
+  hits = jnp.take_along_axis(rbase, bucket, axis=1, mode="promise_in_bounds") + rlocal
+  in_k = rel & (rank <= top_k)
+  ap_sum = jnp.where(in_k, hits / rank, 0.0).sum(1).sum(1)
+  n_rel = in_k.astype(jnp.int32).sum(1).sum(1)
+  pn = jnp.stack([(rel & (rank <= c)).astype(jnp.int32).sum(1).sum(1) for c in cutoffs]
+                 + [jnp.zeros((qc,), jnp.int32)], 1)[:, :len(cutoffs)]
+  if axis_name is not None:
+    ap_sum, n_rel, pn = lax.psum((ap_sum, n_rel, pn), axis_name)
+  return ap_sum, n_rel, pn, tot_all, rtot_all
+
+
+@functools.partial(jax.jit, static_argnames=("num_buckets", "top_k", "cutoffs", "chunk_size", "mesh", "axis_name"))
+def _ranking_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, chunk_size,
+                    mesh, axis_name):
+  nq = q_words.shape[0]
+  pad = -nq % chunk_size
+  q_words = jnp.pad(q_words, ((0, pad), (0, 0))).reshape(-1, chunk_size, q_words.shape[1])
+  q_labels = jnp.pad(q_labels, ((0, pad), (0, 0))).reshape(-1, chunk_size, q_labels.shape[1])
+  kw = dict(num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs)
+
+  def run(q_words, q_labels, db_words, db_labels, valid, axis_name):
+    return lax.map(lambda q: _chunk_counts(*q, db_words, db_labels, valid, axis_name=axis_name, **kw),
+                   (q_words, q_labels))
+
+  if mesh is None:
+    out = run(q_words, q_labels, db_words, db_labels, valid, None)
+  else:
+    db_spec = P(None, None, axis_name)
+    out = jax.shard_map(functools.partial(run, axis_name=axis_name), mesh=mesh,
+                        in_specs=(P(), P(), db_spec, db_spec, P(None, axis_name)), out_specs=P(),
+                        check_vma=False)(q_words, q_labels, db_words, db_labels, valid)
+  return tuple(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:nq] for x in out)
+
+
+def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,
+                   chunk_size=None, mesh: Mesh | None = None, axis_name: str = "data", num_bits=None) -> dict:
+  """Per-query exact counts under the stable Hamming ranking, as device arrays.
+
+  Returns ap (Q,), hits_in_top_k (Q,) (relevant items within the top K), hits_at_cutoffs (Q, len(cutoffs))
+  (relevant items within the top N for each cutoff N), hist and rel_hist (Q, bits + 1) (database and
+  relevant items at each distance), and the resolved top_k.
+  `chunk_size` queries are processed at a time (any size; default from a memory budget). With `mesh`,
+  the database is sharded over `axis_name`.
+  """
+  q_words, bits = _codes_and_bits(query_codes, num_bits, "query_codes")
+  db_words, db_bits = _codes_and_bits(db_codes, num_bits, "db_codes")
+  if bits != db_bits or q_words.shape[1] != db_words.shape[1]:
+    raise ValueError(f"query_codes have {bits} bits but db_codes have {db_bits}")
+  if bits + 1 >= _FAR:
+    raise ValueError(f"at most {_FAR - 2} bits are supported, got {bits}")
+  q_lab, db_lab = _pack_labels(query_labels, "query_labels"), _pack_labels(db_labels, "db_labels")
+  if len(q_lab) != len(q_words) or len(db_lab) != len(db_words):
+    raise ValueError(f"labels do not match codes: query {len(q_lab)} vs {len(q_words)}, "
+                     f"database {len(db_lab)} vs {len(db_words)}")
+  width = max(q_lab.shape[1], db_lab.shape[1])
+  q_lab = np.pad(q_lab, ((0, 0), (0, width - q_lab.shape[1])))
+  db_lab = np.pad(db_lab, ((0, 0), (0, width - db_lab.shape[1])))
+  n = len(db_words)
+  if n >= 1 << 24:
+    raise ValueError(f"db_codes has {n} items; ranks are exact in float32 only below 2**24")
+  if mesh is not None and axis_name not in mesh.shape:
+    raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+  top_k = n if top_k is None or top_k == -1 or top_k > n else int(top_k)
+  if top_k <= 0:
+    raise ValueError(f"top_k must be positive, None or -1, got {top_k}")
+  cutoffs = tuple(int(c) for c in cutoffs)
+  if any(c <= 0 for c in cutoffs):
+    raise ValueError(f"cutoffs must be positive, got {cutoffs}")
+  shards = 1 if mesh is None else mesh.shape[axis_name]
+  num_groups = -(-max(n, 1) // (_GROUP * shards)) * shards
+  if chunk_size is None:
+    chunk_size = max(1, min(len(q_words), _TABLE_BYTES // (4 * (bits + 1) * (num_groups // shards))))
+  valid = (np.arange(num_groups * _GROUP) < n).reshape(num_groups, _GROUP).T
+  args = (q_words, q_lab, _group_layout(db_words, num_groups), _group_layout(db_lab, num_groups), valid)
+  if mesh is not None:
+    spec = [P(), P(), P(None, None, axis_name), P(None, None, axis_name), P(None, axis_name)]
+    args = tuple(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, spec))
+  ap_sum, n_rel, pn, hist, rhist = _ranking_counts(
+      *args, num_buckets=bits + 1, top_k=top_k, cutoffs=cutoffs, chunk_size=int(chunk_size), mesh=mesh,
+      axis_name=axis_name if mesh is not None else None)
+  ap = jnp.where(n_rel > 0, ap_sum / jnp.maximum(n_rel, 1), 0.0)
+  return dict(ap=ap, hits_in_top_k=n_rel, hits_at_cutoffs=pn, hist=hist, rel_hist=rhist, top_k=top_k)
+
+
+def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_k=None, *, chunk_size=None,
+                           mesh: Mesh | None = None, axis_name: str = "data", num_bits=None):
+  """mAP@top_k under the stable Hamming ranking (a device scalar). See the module docstring."""
+  counts = ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k, cutoffs=(), chunk_size=chunk_size,
+                          mesh=mesh, axis_name=axis_name, num_bits=num_bits)
+  return counts["ap"].mean()
+
+
+def _harmonic_diff(a, m):
+  """sum_{k=1..m} 1 / (a + k), elementwise, in float64."""
+  return special.digamma(a + m + 1.0) - special.digamma(a + 1.0)
+
+
+def _bucket_expectation(a, b, m, x):
+  """E[sum of precisions at the relevant items among the first m of a tie group], given x of them are relevant.
+
+  The group has n items after a items (b of them relevant); its order is uniform. Given x relevant
+  items among its first m positions, each position holds one with probability x / m, and another of
+  the x sits before position k with expected count (k - 1)(x - 1) / (m - 1). Summing
+  (b + 1 + (k - 1)(x - 1)/(m - 1)) / (a + k) over k = 1..m gives, with D = sum_k 1/(a + k),
+    (x / m) * [(b + 1) D + (x - 1)/(m - 1) * (m - (a + 1) D)].
+  """
+  dh = _harmonic_diff(a, m)
+  safe_m = np.maximum(m, 1.0)
+  spread = np.where(m > 1, (x - 1.0) / np.maximum(m - 1.0, 1.0) * (m - (a + 1.0) * dh), 0.0)
+  return np.where(m > 0, x / safe_m * ((b + 1.0) * dh + spread), 0.0)
+
+
+def tie_aware_average_precision(hist, rel_hist, top_k) -> np.ndarray:
+  """Per-query AP@top_k expected over a uniformly random order within each tie group (float64).
+
+  Groups wholly inside the top K contribute the closed form of `_bucket_expectation` with x = r and
+  m = n (McSherry & Najork, 2008). The group straddling position K contributes its first
+  m = K - (items before it) positions; the number x of relevant items among them is hypergeometric,
+  and AP@K = sum_x P(x) (E[sum over whole groups] + E[boundary | x]) / (relevant before + x),
+  0 when that count is 0. This is the exact expectation of the top-K AP. With top_k = database size
+  it is the untruncated tie-aware AP.
+  """
+  hist = np.asarray(hist, np.float64)
+  rel_hist = np.asarray(rel_hist, np.float64)
+  c_le = np.cumsum(hist, 1)
+  c_lt, r_lt = c_le - hist, np.cumsum(rel_hist, 1) - rel_hist
+  boundary = np.minimum((c_le < top_k).sum(1), hist.shape[1] - 1)  # first bucket reaching K
+  inside = np.arange(hist.shape[1])[None] < boundary[:, None]
+  whole = np.where(inside, _bucket_expectation(c_lt, r_lt, hist, rel_hist), 0.0).sum(1)
+  rows = np.arange(len(hist))
+  a, b, n, r = c_lt[rows, boundary], r_lt[rows, boundary], hist[rows, boundary], rel_hist[rows, boundary]
+  m = np.clip(top_k - a, 0, n)
+  lo, hi = np.maximum(0.0, m - (n - r)), np.minimum(r, m)
+  xs = lo[:, None] + np.arange(int((hi - lo).max(initial=0)) + 1)[None]  # every feasible x, per query
+  ok = xs <= hi[:, None]
+  xs = np.where(ok, xs, lo[:, None])
+  log_p = (special.gammaln(r[:, None] + 1) - special.gammaln(xs + 1) - special.gammaln(r[:, None] - xs + 1)
+           + special.gammaln(n[:, None] - r[:, None] + 1) - special.gammaln(m[:, None] - xs + 1)
+           - special.gammaln(n[:, None] - r[:, None] - m[:, None] + xs + 1)
+           - special.gammaln(n[:, None] + 1) + special.gammaln(m[:, None] + 1)
+           + special.gammaln(n[:, None] - m[:, None] + 1))
+  p = np.where(ok, np.exp(log_p), 0.0)
+  s_b = _bucket_expectation(a[:, None], b[:, None], m[:, None], xs)
+  denom = b[:, None] + xs
+  ap = np.where(ok & (denom > 0), p * (whole[:, None] + s_b) / np.maximum(denom, 1.0), 0.0).sum(1)
+  return ap
+
+
+def pr_curve_by_radius(hist, rel_hist) -> dict:
+  """Mean precision and recall of the items within Hamming radius r, r = 0..bits.
+
+  A query with nothing within radius r has precision 0 there (as DeepHash code does); a query with no
+  relevant item in the database has recall 0.
+  """
+  c_le = np.cumsum(np.asarray(hist, np.float64), 1)
+  r_le = np.cumsum(np.asarray(rel_hist, np.float64), 1)
+  precision = np.where(c_le > 0, r_le / np.maximum(c_le, 1.0), 0.0)
+  recall = np.where(r_le[:, -1:] > 0, r_le / np.maximum(r_le[:, -1:], 1.0), 0.0)
+  return dict(radius=np.arange(c_le.shape[1]), precision=precision.mean(0), recall=recall.mean(0))
+
+
+def retrieval_metrics(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,
+                      chunk_size=None, mesh: Mesh | None = None, axis_name: str = "data",
+                      num_bits=None) -> dict:
+  """Everything for `results.json`, as Python floats and NumPy arrays.
+
+  map (stable ranking), map_tie_aware, precision_at_n {n, precision}, pr_curve {radius, precision,
+  recall}, precision_at_radius_2 (0 for a query with nothing within radius 2).
+  """
+  counts = jax.device_get(ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k, cutoffs=cutoffs,
+                                         chunk_size=chunk_size, mesh=mesh, axis_name=axis_name,
+                                         num_bits=num_bits))
+  pr = pr_curve_by_radius(counts["hist"], counts["rel_hist"])
+  n = np.asarray(cutoffs, np.float64)
+  return dict(
+      map=float(np.mean(counts["ap"], dtype=np.float64)),
+      map_tie_aware=float(tie_aware_average_precision(counts["hist"], counts["rel_hist"], counts["top_k"]).mean()),
+      precision_at_n=dict(n=np.asarray(cutoffs), precision=(counts["hits_at_cutoffs"] / n).mean(0)),
+      pr_curve=pr,
+      precision_at_radius_2=float(pr["precision"][min(2, len(pr["precision"]) - 1)]),
+      top_k=counts["top_k"])
+
+
+def top_indices(query_codes, db_codes, k: int = 10, *, num_bits=None) -> np.ndarray:
+  """(queries, k) database indices of each query's first k items in the stable ranking (for a few queries)."""
+  q_words, bits = _codes_and_bits(query_codes, num_bits, "query_codes")
+  db_words, _ = _codes_and_bits(db_codes, num_bits, "db_codes")
+  return np.asarray(_top_indices(q_words, db_words, min(int(k), len(db_words))))
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _top_indices(q_words, db_words, k):
+  d = sum(lax.population_count(q_words[:, None, w] ^ db_words[None, :, w]) for w in range(db_words.shape[1]))
+  return jnp.argsort(d.astype(jnp.int32), axis=1, stable=True)[:, :k]
+
