@@ -28,6 +28,8 @@ from hybridhash_jax.data import sources
 from hybridhash_jax.data import splits
 
 NUM_CLASSES = 10
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+TFDS_BUILD = "tfds build cifar10 --file_format=array_record --data_dir=DIR"
 NUM_TRAIN, NUM_TEST = 50_000, 10_000
 # protocol: (query per class, train per class, which rows form the database); see spec section 7.
 PROTOCOLS = {
@@ -93,7 +95,8 @@ def _read_members(root: str) -> tuple[list[bytes], list[str], bool]:
         return out, paths, is_py
   raise FileNotFoundError(
       f"config.data.root={root!r}: no CIFAR-10 archive (cifar-10-python.tar.gz, cifar-10-binary.tar.gz, or a folder "
-      "with cifar-10-batches-py/ or cifar-10-batches-bin/)")
+      f"with cifar-10-batches-py/ or cifar-10-batches-bin/). Download it from {ARCHIVE_URL} and point "
+      "--config.data.root at it.")
 
 
 def load_archive(root: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,8 +118,9 @@ def open_tfds(data_dir: str) -> list:
     return [tfds.data_source("cifar10", split=s, data_dir=data_dir or None, download=False) for s in ("train", "test")]
   except Exception as e:  # pylint: disable=broad-except; TFDS raises several types for "not prepared"
     raise FileNotFoundError(
-        f"config.data.tfds_data_dir={data_dir!r}: no cifar10 prepared in ArrayRecord format ({e}); see the "
-        "docstring of hybridhash_jax/data/cifar10.py") from e
+        f"config.data.tfds_data_dir={data_dir!r}: TFDS cifar10 is not prepared there in ArrayRecord format. "
+        f"Prepare it once, where TensorFlow is installed: `{TFDS_BUILD}`, or use the official archive "
+        f"({ARCHIVE_URL}) with --config.data.source=archive --config.data.root=PATH. ({type(e).__name__})") from e
 
 
 def tfds_classes(parts: list) -> np.ndarray:

@@ -1,0 +1,102 @@
+"""Throughput of the jitted train step: images/s, FLOPs (XLA cost analysis), MFU, peak memory.
+
+  python experiments/bench_train.py --config=configs/cifar10.py --batch_size=64 --dtype=bfloat16
+
+Feeds synthetic batches straight to the step (no input pipeline), so it measures the
+model, loss and optimiser alone. Prints one JSON object.
+"""
+
+import json
+import resource
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from hybridhash_jax import input_pipeline
+from hybridhash_jax import sharding
+from hybridhash_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config to benchmark.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
+_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype override: float32 | bfloat16.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_TRAIN_SIZE = flags.DEFINE_integer("train_size", 10000, "Rows of the synthetic train set (memory bank size).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s per chip, if not in the built-in table.")
+
+# Dense peak TFLOP/s per chip, by device kind prefix and compute dtype (vendor data sheets).
+PEAK_TFLOPS = {
+    ("NVIDIA H100", "bfloat16"): 989.0, ("NVIDIA H100", "float32"): 67.0,
+    ("NVIDIA H200", "bfloat16"): 989.0, ("NVIDIA H200", "float32"): 67.0,
+    ("NVIDIA A100", "bfloat16"): 312.0, ("NVIDIA A100", "float32"): 19.5,
+    ("TPU v4", "bfloat16"): 275.0, ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v5e", "bfloat16"): 197.0,
+    ("TPU v5p", "bfloat16"): 459.0, ("TPU v6", "bfloat16"): 918.0,
+}
+
+
+def peak_tflops(kind: str, dtype: str) -> float | None:
+  if _PEAK.value:
+    return _PEAK.value
+  for (prefix, dt), value in PEAK_TFLOPS.items():
+    if kind.startswith(prefix) and dt == dtype:
+      return value
+  return None
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _BATCH.value:
+    config.batch_size = _BATCH.value
+  if _DTYPE.value:
+    config.model.dtype = _DTYPE.value
+  mesh = sharding.make_mesh(config.mesh)
+  n, c, size = _TRAIN_SIZE.value, config.data.num_classes, config.model.img_size
+  splits = input_pipeline.Splits(train=range(n), query=range(0), database=range(0), num_classes=c, top_k=-1,
+                                 name="synthetic")
+  config.num_train_steps = 10**6
+  setup = train.build(config, splits, mesh)
+  state = train.initial_state(setup, config)
+  step = train.make_train_step(setup, config)
+  rng = np.random.default_rng(0)
+  b = config.batch_size
+  batch = sharding.global_batch(mesh, {
+      "image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+      "label": np.eye(c, dtype=np.float32)[rng.integers(0, c, b)],
+      "index": rng.permutation(n)[:b].astype(np.int32)})
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  for _ in range(_WARMUP.value):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t0) / _STEPS.value
+
+  dev = jax.devices()[0]
+  kind = dev.device_kind
+  peak = peak_tflops(kind, config.model.dtype)
+  achieved = flops / dt / 1e12  # the compiled program is one device's partition of the step
+  stats = dev.memory_stats() or {}
+  print(json.dumps(dict(
+      device_kind=kind, platform=dev.platform, num_devices=jax.device_count(), config_img_size=size,
+      dtype=config.model.dtype, batch_size=b, step_s=dt, images_per_s=b / dt, compile_s=compile_s,
+      flops_per_step_per_device=flops, tflops_per_s_per_device=achieved, peak_tflops_per_device=peak,
+      mfu=(achieved / peak) if peak else None, loss=float(m["loss"]),
+      peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
+      host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,218 @@
+"""Training: the mesh, the sharded state, the jitted step, the loop, checkpoints, evaluation.
+
+`train_and_evaluate(config, workdir)` is what `main.py` and the notebook call. A run
+resumes from the latest checkpoint in `workdir/checkpoints`; otherwise it initialises,
+taking params from `config.init_checkpoint` when given.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hybridhash_jax import checkpoints
+from hybridhash_jax import config_lib
+from hybridhash_jax import evaluate
+from hybridhash_jax import input_pipeline
+from hybridhash_jax import losses
+from hybridhash_jax import metric_writer
+from hybridhash_jax import models
+from hybridhash_jax import optim
+from hybridhash_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  bank_u: jax.Array  # (bank rows, bits): the memory bank of detached outputs
+  bank_y: jax.Array  # (bank rows, classes): their labels
+  rng: jax.Array
+
+  def train_items(self) -> dict:
+    """Everything but params, as checkpointed under `train`."""
+    return dict(step=self.step, opt_state=self.opt_state, bank_u=self.bank_u, bank_y=self.bank_y,
+                rng=self.rng)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the loop needs, built once from the config."""
+  model: Any
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  state_shardings: TrainState
+  abstract_state: TrainState
+  steps_per_epoch: int
+  total_steps: int
+
+
+def num_steps(config, steps_per_epoch: int) -> int:
+  return config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+
+
+def build(config, splits, mesh) -> Setup:
+  """Model, optimiser and the abstract, sharded train state: shapes first, then sharding."""
+  model = models.from_config(config.model)
+  steps_per_epoch = input_pipeline.steps_per_epoch(config, splits)
+  total = num_steps(config, steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, total)
+  rows = losses.bank_size(config.loss.memory_bank_size, len(splits.train))
+  init = functools.partial(_init_state, model=model, tx=tx, config=config, bank_rows=rows,
+                           num_classes=splits.num_classes)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  rep = sharding.replicated(mesh)
+  params_sh = sharding.tree_shardings(mesh, abstract.params)
+  state_sh = TrainState(step=rep, params=params_sh, opt_state=sharding.tree_shardings(mesh, abstract.opt_state),
+                        bank_u=rep, bank_y=rep, rng=rep)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  return Setup(model, tx, mesh, state_sh, abstract, steps_per_epoch, total)
+
+
+def _init_state(rng, *, model, tx, config, bank_rows, num_classes) -> TrainState:
+  init_rng, train_rng = jax.random.split(rng)
+  size = config.model.img_size
+  params = model.init({"params": init_rng}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)["params"]
+  bank_u, bank_y = losses.init_bank(bank_rows, config.model.bits, num_classes)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    bank_u=bank_u, bank_y=bank_y, rng=train_rng)
+
+
+def make_train_step(setup: Setup, config):
+  """The jitted, donated step: bank update, WMLE loss, optimiser update."""
+  model, tx = setup.model, setup.tx
+  alpha = config.loss.alpha
+
+  def step_fn(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    images = input_pipeline.normalize(batch["image"])
+
+    def loss_fn(params):
+      u = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+      bank_u, bank_y = losses.update_bank(state.bank_u, state.bank_y, u, batch["label"], batch["index"])
+      loss, aux = losses.wmle_loss(u, batch["label"], bank_u, bank_y, alpha)
+      return loss, (bank_u, bank_y, aux)
+
+    (loss, (bank_u, bank_y, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, bank_u=bank_u,
+                              bank_y=bank_y)
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
+
+  batch_sh = sharding.batch_sharding(setup.mesh)
+  return jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
+
+
+def initial_state(setup: Setup, config) -> TrainState:
+  init = functools.partial(_init_state, model=setup.model, tx=setup.tx, config=config,
+                           bank_rows=setup.abstract_state.bank_u.shape[0],
+                           num_classes=setup.abstract_state.bank_y.shape[1])
+  state = jax.jit(init, out_shardings=setup.state_shardings)(jax.random.PRNGKey(config.seed))
+  if config.init_checkpoint:
+    params, _, step = checkpoints.restore_params(config.init_checkpoint, setup.abstract_state.params,
+                                                 config.to_dict())
+    logging.info("Params initialised from %s (step %d).", config.init_checkpoint, step)
+    state = state.replace(params=params)
+  return state
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  """Fetches the pending step metrics and stops the run at the first non-finite one."""
+  fetched = [(step, jax.device_get(m)) for step, m in pending]
+  for step, m in fetched:
+    bad = [k for k, v in m.items() if not np.isfinite(v)]
+    if bad:
+      raise NonFiniteLossError(
+          f"non-finite {', '.join(bad)} at step {step} ({m}); stopping. The latest checkpoint before "
+          "it is intact: lower optimizer.learning_rate or check the data, then rerun to resume.")
+  return fetched
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       splits: input_pipeline.Splits | None = None) -> dict:
+  """Trains (resuming if possible), evaluates every `eval_every_epochs`, returns the final results.
+
+  `splits` overrides the datasets of `config.data` (in-memory sources, notebooks).
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  local_batch = sharding.local_batch_size(config.batch_size, mesh, "batch_size")
+  splits = splits or input_pipeline.build_splits(config, workdir)
+  setup = build(config, splits, mesh)
+  writer = metric_writer.MetricWriter(workdir)
+  logging.info("Mesh %s; %d train images, %d steps/epoch, %d steps.", dict(mesh.shape), len(splits.train),
+               setup.steps_per_epoch, setup.total_steps)
+
+  loader = input_pipeline.train_loader(config, splits, seed=config.seed, process_index=jax.process_index(),
+                                       process_count=jax.process_count(), local_batch_size=local_batch)
+  data_iter = iter(loader)
+  mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  latest = mngr.latest_step()
+  if latest is not None:
+    params, train = checkpoints.restore_train(mngr, latest, setup.abstract_state.params,
+                                              setup.abstract_state.train_items(), data_iter, config.to_dict())
+    state = TrainState(params=params, **train)
+    logging.info("Resumed from %s at step %d.", mngr.directory, latest)
+  else:
+    state = initial_state(setup, config)
+
+  train_step = make_train_step(setup, config)
+  evaluator = evaluate.Evaluator(config, setup.model, mesh, setup.state_shardings.params)
+  eval_every = config.eval_every_epochs * setup.steps_per_epoch
+  step = int(jax.device_get(state.step))
+  results = evaluate.load_history(workdir)
+  pending, t0, t0_step = [], time.perf_counter(), step
+
+  def save(step):
+    checkpoints.save_train(mngr, step, state.params, state.train_items(), data_iter, config.to_dict())
+
+  try:
+    while step < setup.total_steps:
+      batch = sharding.global_batch(mesh, next(data_iter))
+      state, m = train_step(state, batch)
+      step += 1
+      pending.append((step, m))
+      boundary = step % config.log_every_steps == 0 or step == setup.total_steps
+      ckpt_due = step % config.checkpoint_every_steps == 0 or step == setup.total_steps
+      eval_due = eval_every > 0 and step % eval_every == 0
+      if boundary or ckpt_due or eval_due or mngr.reached_preemption(step):
+        fetched = _check_finite(pending)
+        pending = []
+        if boundary:
+          dt = time.perf_counter() - t0
+          rate = (step - t0_step) * config.batch_size / dt
+          last = fetched[-1][1]
+          writer.write(step, {**{k: float(v) for k, v in last.items()}, "images_per_sec": rate,
+                              "epoch": step / setup.steps_per_epoch})
+          logging.info("step %d/%d epoch %.2f loss %.5f grad_norm %.4f %.1f img/s", step, setup.total_steps,
+                       step / setup.steps_per_epoch, last["loss"], last["grad_norm"], rate)
+          t0, t0_step = time.perf_counter(), step
+        if ckpt_due or mngr.reached_preemption(step):
+          save(step)
+        if eval_due and step != setup.total_steps:
+          results = evaluator.run(state.params, splits, step, workdir, results, writer)
+  finally:
+    mngr.wait_until_finished()
+  if results.get("step") != step:
+    results = evaluator.run(state.params, splits, step, workdir, results, writer)
+  mngr.close()
+  writer.close()
+  return results

@@ -1,0 +1,196 @@
+"""The train loop: sharding invariance, two processes, kill and resume, wrong checkpoints, NaN."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hybridhash_jax import checkpoints
+from hybridhash_jax import input_pipeline
+from hybridhash_jax import losses
+from hybridhash_jax import sharding
+from hybridhash_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny_train.py"
+
+
+def tiny_config(**overrides):
+  sys.path.insert(0, str(TINY.parent))
+  import tiny_train  # pylint: disable=g-import-not-at-top
+  c = tiny_train.get_config()
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def run_main(workdir, *overrides, env_extra=None, background=False, devices=1):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             **(env_extra or {}))
+  cmd = [sys.executable, "-m", "hybridhash_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+         *[f"--config.{o}" for o in overrides]]
+  if background:
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return proc
+
+
+def logged_losses(workdir):
+  rows = [json.loads(l) for l in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def restore_state(workdir, step=None):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
+    step = mngr.latest_step() if step is None else step
+    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                     train=ocp.args.StandardRestore()))
+  return step, out["params"], out["train"]
+
+
+def test_one_step_on_four_devices_equals_one_device(tmp_path):
+  config = tiny_config()
+  splits = input_pipeline.build_splits(config, str(tmp_path))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+           "label": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 8)],
+           "index": rng.permutation(len(splits.train))[:8].astype(np.int32)}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    mesh = jax.make_mesh((len(devices), 1), ("data", "fsdp"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+    setup = train.build(config, splits, mesh)
+    step = train.make_train_step(setup, config)
+    state = train.initial_state(setup, config)
+    for _ in range(2):
+      state, m = step(state, sharding.global_batch(mesh, batch))
+      jax.block_until_ready(m)
+    results.append((float(m["loss"]), jax.device_get(state.params), jax.device_get(state.bank_u)))
+  (loss1, p1, b1), (loss4, p4, b4) = results
+  assert abs(loss1 - loss4) <= 1e-5
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(b1, b4, atol=1e-5)
+  assert np.abs(b1).sum() > 0  # the bank was written
+
+
+def test_fsdp_sharding_matches_replicated(tmp_path):
+  config = tiny_config()
+  splits = input_pipeline.build_splits(config, str(tmp_path))
+  mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:4])
+  spec = sharding.fsdp_spec((64, 2048), 2)
+  assert spec == jax.sharding.PartitionSpec(None, "fsdp")
+  setup = train.build(config, splits, mesh)
+  state = train.initial_state(setup, config)
+  step = train.make_train_step(setup, config)
+  batch = next(iter(input_pipeline.train_loader(config, splits, seed=0, local_batch_size=8, worker_count=0)))
+  state, m = step(state, sharding.global_batch(mesh, batch))
+  assert np.isfinite(float(m["loss"]))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  # A small step size: RMSprop's first updates are ~lr * sign(g), so a gradient that is rounding
+  # noise (different all-reduce orders) would otherwise move the loss by ~lr.
+  steps, lr = "num_train_steps=4", "optimizer.learning_rate=1e-5"
+  single = tmp_path / "single"
+  run_main(single, steps, lr, devices=2)
+  port = _free_port()
+  cmd_common = [sys.executable, "-m", "hybridhash_jax.main", f"--config={TINY}", f"--workdir={tmp_path / 'multi'}",
+                f"--config.{steps}", f"--config.{lr}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(cmd_common + [f"--process_id={i}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n\n".join(outs)
+  one, two = logged_losses(single), logged_losses(tmp_path / "multi")
+  assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+  for s in one:
+    assert abs(one[s] - two[s]) <= 1e-5, (s, one[s], two[s])
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+  killed, clean = tmp_path / "killed", tmp_path / "clean"
+  proc = run_main(killed, "num_train_steps=100000", background=True)
+  ckpt_dir = killed / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+    if done:
+      break
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  with ocp.CheckpointManager(str(ckpt_dir)) as mngr:
+    last = mngr.latest_step()
+  assert last is not None and last % 4 == 0
+  total = last + 8
+  run_main(killed, f"num_train_steps={total}")
+  run_main(clean, f"num_train_steps={total}")
+  step_k, params_k, train_k = restore_state(killed)
+  step_c, params_c, train_c = restore_state(clean)
+  assert step_k == step_c == total
+  for a, b in zip(jax.tree.leaves((params_k, train_k)), jax.tree.leaves((params_c, train_c))):
+    np.testing.assert_array_equal(a, b)
+  # The resumed run logged the same losses as the uninterrupted one after the restart.
+  lk, lc = logged_losses(killed), logged_losses(clean)
+  assert all(lk[s] == lc[s] for s in range(last + 1, total + 1))
+
+
+def test_wrong_checkpoint_is_refused_naming_the_field(tmp_path):
+  config = tiny_config(num_train_steps=4)
+  train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(ValueError, match=r"model\.bits: checkpoint has 16, config has 32"):
+    train.train_and_evaluate(tiny_config(num_train_steps=8, **{"model.bits": 32}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"model\.embed_dims"):
+    train.train_and_evaluate(tiny_config(num_train_steps=8, **{"model.embed_dims": (8, 16, 24)}), str(tmp_path))
+  from hybridhash_jax import evaluate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"model\.bits"):
+    evaluate.evaluate_checkpoint(tiny_config(**{"model.bits": 32}), str(tmp_path))
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path))
+  good_step, good_params, _ = restore_state(tmp_path)
+  real = losses.wmle_loss
+  monkeypatch.setattr(losses, "wmle_loss", lambda *a, **k: (real(*a, **k)[0] * np.nan, real(*a, **k)[1]))
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite .*loss at step 5"):
+    train.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path))
+  step, params, _ = restore_state(tmp_path)
+  assert step == good_step == 4
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good_params)):
+    np.testing.assert_array_equal(a, b)
+    assert np.all(np.isfinite(a))
+
+
+def test_checkpoint_restore_params_roundtrip(tmp_path):
+  config = tiny_config(num_train_steps=4)
+  train.train_and_evaluate(config, str(tmp_path))
+  step, params, _ = restore_state(tmp_path)
+  from hybridhash_jax import evaluate, models  # pylint: disable=g-import-not-at-top
+  abstract = evaluate.abstract_params(models.from_config(config.model), 16)
+  restored, saved, s = checkpoints.restore_params(str(tmp_path / "checkpoints"), abstract, config.to_dict())
+  assert s == step and saved["model"]["bits"] == 16
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
