@@ -1,0 +1,29 @@
+r"""NUS-WIDE, the 21 most frequent concepts, with the paper's model and optimiser.
+
+  python -m hybridhash_jax.main --config=configs/nuswide_21.py:bits=64 --workdir=/tmp/hh_nuswide_21_64 \
+      --config.data.list_dir=LISTS --config.data.root=IMAGES --config.init_checkpoint=/tmp/nest_b_init
+  python -m hybridhash_jax.main --config=configs/nuswide_21.py:bits=32,runlocal --workdir=/tmp/hh_local ...
+
+Arguments (`configs/nuswide_21.py:k=v,...`):
+  bits=16|32|48|64 (64)   runlocal (a tiny model: 32 px, patch 2, widths 16/32/64, 20 steps, CPU)
+  dtype=bfloat16|float32  compute dtype (default bfloat16; float32 with runlocal)
+  Ablations, default = the paper: token_layout=spatial (proper global-attention tokens instead of
+  the reference's channel-first quirk), interaction=False (NesT's plain conv-pool between levels),
+  hash_global=False (hash layer without its global branch), memory_bank_size=N, optimizer=adamw.
+
+Data (spec section 7): DeepHash-style lists `train.txt`, `test.txt` (the queries), `database.txt`
+in --config.data.list_dir (default data/nuswide_21), image paths relative to --config.data.root
+(default data/nuswide_21). 10,500 train, 2,100 queries, the rest as database; 21 classes; mAP@5000.
+Schedule: batch 64, RMSprop 2.5e-5, weight decay 1e-5, 12 epochs, evaluated every 3 (the reference's
+ImageNet-100 log). NesT-B start: convert as in configs/cifar10.py (with --config configs/nuswide_21.py)
+and pass --config.init_checkpoint=DIR.
+
+What to expect: the spec records no reference log for this dataset, so the reproduction table
+shows none.
+"""
+
+from hybridhash_jax import config_args
+
+
+def get_config(arg=None):
+  return config_args.listfile_config("nuswide_21", arg)
