@@ -4,8 +4,9 @@
 
 Nothing is downloaded: the 1,797 digit images ship with scikit-learn. Per class, 20 queries and 100
 training images are drawn (seeded); the remaining 597 images are the database, and mAP is over the
-whole database. Random 32-bit codes score about 0.1 (one class in ten is relevant); this run should
-reach well above that (expected mAP >= 0.8 at the end; see workdir/eval/results.json).
+whole database. Random 32-bit codes score about 0.1 (one class in ten is relevant); this run reaches
+mAP 0.62 at its final step 600 (0.20 and 0.24 at the evaluations after 10 and 20 epochs), in about
+70 s on a 2-core CPU (measured; see workdir/eval/results.json).
 """
 
 from hybridhash_jax import config_lib
