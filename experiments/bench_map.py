@@ -7,6 +7,7 @@ kind="stable", the tie order ours defines. Each side runs in its own subprocess 
 resident memory (ru_maxrss) is its own. Prints JSON.
 
   python experiments/bench_map.py --sizes cifar,imagenet --repeats 3
+  python experiments/bench_map.py --sizes cifar --devices 2   # database sharded over 2 CPU devices (2 cores)
   python experiments/bench_map.py --sizes custom --queries 5000 --db 1000000 --top_k 1000 \
       --baseline_queries 200   # GPU scale; the baseline runs on the first 200 queries only
 """
@@ -59,23 +60,34 @@ def _peak_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_kernel(data, top_k, repeats, chunk_size, out):
+def run_kernel(data, top_k, repeats, chunk_size, devices, out):
+  """Times the kernel; with devices > 1 the database is sharded over that many devices.
+
+  XLA:CPU runs one device's program on one core, so on a CPU host this is how the kernel uses several
+  cores: the host is split into `devices` CPU devices (set before the backend starts; no effect on GPU).
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_num_cpu_devices", max(devices, 1))
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
   from hybridhash_jax import metrics  # pylint: disable=g-import-not-at-top
+  if len(jax.devices()) < devices:
+    raise ValueError(f"--devices {devices} but only {len(jax.devices())} {jax.default_backend()} devices")
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
   q_codes, q_labels, db_codes, db_labels = data
+  kw = dict(chunk_size=chunk_size, mesh=mesh)
   t0 = time.perf_counter()
-  first = float(metrics.mean_average_precision(q_codes, db_codes, q_labels, db_labels, top_k,
-                                               chunk_size=chunk_size))
+  first = float(metrics.mean_average_precision(q_codes, db_codes, q_labels, db_labels, top_k, **kw))
   compile_and_run = time.perf_counter() - t0
   steady = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    value = metrics.mean_average_precision(q_codes, db_codes, q_labels, db_labels, top_k, chunk_size=chunk_size)
+    value = metrics.mean_average_precision(q_codes, db_codes, q_labels, db_labels, top_k, **kw)
     value = float(jax.block_until_ready(value))
     steady.append(time.perf_counter() - t0)
   assert value == first
   out.put(dict(map=value, first_call_s=compile_and_run, steady_s=min(steady), steady_all_s=steady,
-               device=str(jax.devices()[0].device_kind), platform=jax.default_backend(), peak_rss_mb=_peak_mb()))
+               device=str(jax.devices()[0].device_kind), platform=jax.default_backend(), devices=devices,
+               peak_rss_mb=_peak_mb()))
 
 
 def run_baseline(data, top_k, out):
@@ -99,9 +111,9 @@ def bench(name, spec, args):
   data = make_data(spec["queries"], spec["db"], spec["bits"], spec["classes"], args.flip)
   nb = min(args.baseline_queries or spec["queries"], spec["queries"])
   subset = (data[0][:nb], data[1][:nb], data[2], data[3])
-  kernel = _in_subprocess(run_kernel, data, spec["top_k"], args.repeats, args.chunk_size)
+  kernel = _in_subprocess(run_kernel, data, spec["top_k"], args.repeats, args.chunk_size, args.devices)
   kernel_subset = kernel if nb == spec["queries"] else _in_subprocess(run_kernel, subset, spec["top_k"], 1,
-                                                                       args.chunk_size)
+                                                                       args.chunk_size, args.devices)
   base = _in_subprocess(run_baseline, subset, spec["top_k"])
   base_full_s = base["time_s"] * spec["queries"] / nb
   return dict(
@@ -125,7 +137,9 @@ def main(argv):
   parser.add_argument("--flip", type=float, default=0.2, help="per-bit flip probability around the prototype")
   parser.add_argument("--baseline_queries", type=int, default=0, help="run the baseline on this many queries "
                       "(0 = all) and scale its time to all of them")
-  parser.add_argument("--chunk_size", type=int, default=None, help="queries per chunk (default: memory budget)")
+  parser.add_argument("--chunk_size", type=int, default=None, help="queries per chunk (default: all, up to 4096)")
+  parser.add_argument("--devices", type=int, default=1, help="shard the database over this many devices (on a "
+                      "CPU host, that many CPU devices: one core each)")
   args = parser.parse_args(argv)
   sizes = dict(SIZES, custom=dict(queries=args.queries, db=args.db, bits=args.bits, classes=args.classes,
                                   top_k=args.top_k))

@@ -80,7 +80,8 @@ class Evaluator:
     q_codes, q_labels = self.encode(params, splits.query)
     db_codes, db_labels = self.encode(params, splits.database)
     t1 = time.perf_counter()
-    m = metrics.retrieval_metrics(q_codes, db_codes, q_labels, db_labels, top_k=splits.top_k)
+    # The database is sharded over the mesh's data axis: on a CPU host, one device per core.
+    m = metrics.retrieval_metrics(q_codes, db_codes, q_labels, db_labels, top_k=splits.top_k, mesh=self._mesh)
     t2 = time.perf_counter()
     cfg = self._config
     final = dict(

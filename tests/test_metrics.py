@@ -52,6 +52,8 @@ CASES = [  # seed, queries, database, bits, classes, multi-label, top_k, chunk
     (1, 13, 1000, 12, 5, True, 50, 4),
     (2, 5, 70, 16, 3, True, -1, 2),
     (3, 9, 500, 10, 6, False, 77, 5),
+    (7, 6, 20, 6, 2, False, 5, 6),  # database smaller than one scan block
+    (8, 5, 64, 4, 3, True, None, 5),  # database exactly two blocks
 ]
 
 
@@ -85,9 +87,9 @@ def test_packed_codes_and_class_ids_give_the_same_counts():
   np.testing.assert_allclose(packed["ap"][1:], plain["ap"][1:], atol=1e-7)
 
 
-@pytest.mark.parametrize("devices", [2, 4])
-def test_sharded_database_matches_reference(devices):
-  q, db, ql, dbl = _data(5, 11, 777, 10, 5, True)
+@pytest.mark.parametrize("devices,ndb", [(2, 777), (4, 777), (4, 40)])  # 40: the last shards are all padding
+def test_sharded_database_matches_reference(devices, ndb):
+  q, db, ql, dbl = _data(5, 11, ndb, 10, 5, True)
   mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
   ref = _reference(q, db, ql, dbl, 100, (5, 50))
   got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, 100, cutoffs=(5, 50), chunk_size=4, mesh=mesh))
@@ -109,6 +111,21 @@ def test_hand_computed_stable_ap():
   assert float(metrics.mean_average_precision(HAND_Q, HAND_DB, HAND_QL, HAND_DBL)) == pytest.approx(23 / 36, abs=1e-7)
   assert float(metrics.mean_average_precision(HAND_Q, HAND_DB, HAND_QL, HAND_DBL, 3)) == pytest.approx(7 / 12, abs=1e-7)
   np.testing.assert_array_equal(metrics.top_indices(HAND_Q, HAND_DB, 4), [[1, 4, 0, 2]])
+
+
+def test_one_tie_group_across_blocks_ranks_by_index():
+  # Identical codes: every item ties, so rank = index + 1 across all scan blocks. Items 2, 5, 8, ... are
+  # relevant: the k-th of them sits at rank 3k, so every precision is k / 3k and AP = 1/3 exactly;
+  # with K = 100 the relevant ones within it are the first 33.
+  n = 130
+  db = np.ones((n, 8), np.float32)
+  dbl = np.zeros((n, 2), np.float32)
+  dbl[2::3, 0], dbl[np.arange(n) % 3 != 2, 1] = 1, 1
+  got = jax.device_get(metrics.ranking_counts(np.ones((1, 8), np.float32), db, np.array([[1, 0]], np.float32), dbl,
+                                              100, cutoffs=(3, 4, 130)))
+  assert got["ap"][0] == pytest.approx(1 / 3, abs=1e-7)
+  assert got["hits_in_top_k"][0] == 33
+  np.testing.assert_array_equal(got["hits_at_cutoffs"][0], [1, 1, 43])
 
 
 def test_hand_computed_tie_aware_ap():
