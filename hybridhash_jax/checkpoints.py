@@ -11,6 +11,7 @@ Converted weights (`python -m hybridhash_jax.convert`) are a step-0 checkpoint w
 """
 
 import json
+import os
 from typing import Any
 
 import grain
@@ -59,7 +60,12 @@ def restore_params(directory: str, abstract_params: Any, config: dict, step: int
 
   Refuses, naming the fields, a checkpoint whose model differs from `config["model"]`.
   """
-  with ocp.CheckpointManager(directory) as mngr:
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f"no checkpoint directory {directory}. For NesT-B weights, convert them first: python -m "
+        "hybridhash_jax.convert --source nest_base_jx.safetensors --format torch --mode nest --config CONFIG "
+        "--output DIR (see README, 'Bring NesT-B weights').")
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     step = mngr.latest_step() if step is None or step < 0 else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint found in {directory}")

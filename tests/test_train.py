@@ -194,3 +194,27 @@ def test_checkpoint_restore_params_roundtrip(tmp_path):
   assert s == step and saved["model"]["bits"] == 16
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_init_checkpoint_seeds_params_only(tmp_path):
+  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "a"))
+  _, params_a, _ = restore_state(tmp_path / "a")
+  config = tiny_config(num_train_steps=4, init_checkpoint=str(tmp_path / "a" / "checkpoints"))
+  splits = input_pipeline.build_splits(config, str(tmp_path / "b"))
+  mesh = sharding.make_mesh(config.mesh)
+  state = train.initial_state(train.build(config, splits, mesh), config)
+  assert int(state.step) == 0 and float(np.abs(state.bank_u).sum()) == 0.0  # a fresh run...
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params_a)):
+    np.testing.assert_array_equal(a, b)  # ...starting from the given params
+
+
+def test_missing_init_checkpoint_exits_with_one_message(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "hybridhash_jax.main", f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
+       f"--config.init_checkpoint={tmp_path / 'nope'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  assert f"error: no checkpoint directory {tmp_path / 'nope'}" in proc.stderr
+  assert "python -m hybridhash_jax.convert" in proc.stderr
+  assert not (tmp_path / "nope").exists()
