@@ -4,12 +4,8 @@ r"""ImageNet-100 (the DeepHash `imagenet` lists, 100 ImageNet-1k classes): the p
       --config.data.list_dir=LISTS --config.data.root=IMAGES --config.init_checkpoint=/tmp/nest_b_init
   python -m hybridhash_jax.main --config=configs/imagenet.py:bits=32,runlocal --workdir=/tmp/hh_local ...
 
-Arguments (`configs/imagenet.py:k=v,...`):
-  bits=16|32|48|64 (64)   runlocal (a tiny model: 32 px, patch 2, widths 16/32/64, 20 steps, CPU)
-  dtype=bfloat16|float32  compute dtype (default bfloat16; float32 with runlocal)
-  Ablations, default = the paper: token_layout=spatial (proper global-attention tokens instead of
-  the reference's channel-first quirk), interaction=False (NesT's plain conv-pool between levels),
-  hash_global=False (hash layer without its global branch), memory_bank_size=N, optimizer=adamw.
+Arguments (`:k=v,...`): bits=16|32|48|64 (64), runlocal, dtype, and the ablation switches
+token_layout, interaction, hash_global, memory_bank_size, optimizer, as in configs/cifar10.py.
 
 Data (spec section 7): DeepHash-style lists `train.txt`, `test.txt` (the queries), `database.txt`
 in --config.data.list_dir (default data/imagenet), image paths relative to --config.data.root
