@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridhash_jax.models.nest_blocks import (
-    TransformerLayer, blockify, deblockify, layer_norm, multi_head_attention, weight_init)
+    TransformerLayer, blockify, deblockify, dense, layer_norm, multi_head_attention, weight_init)
 
 GLOBAL_HEADS = 8  # the reference's global attention always uses 8 heads
 TOKEN_LAYOUTS = ("reference", "spatial")
@@ -83,10 +83,9 @@ class GlobalAttention(nn.Module):
     tokens = x.reshape(b, h * w, c)
     pos = self.param("pos_embed_glo", nn.initializers.zeros, (1, h * w, c), self.param_dtype)
     tokens = tokens + pos.astype(tokens.dtype)
-    dense = lambda f, name, bias: nn.Dense(f, use_bias=bias, kernel_init=weight_init, dtype=self.dtype,
-                                           param_dtype=self.param_dtype, name=name)
-    y = multi_head_attention(dense(3 * c, "qkv", False)(tokens), GLOBAL_HEADS)
-    return dense(c, "proj", True)(y.reshape(b, h, w, c))
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = multi_head_attention(dense(3 * c, "qkv", use_bias=False, **kw)(tokens), GLOBAL_HEADS)
+    return dense(c, "proj", **kw)(y.reshape(b, h, w, c))
 
 
 class Interaction(nn.Module):

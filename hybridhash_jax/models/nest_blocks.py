@@ -16,6 +16,11 @@ weight_init = nn.initializers.normal(0.02)
 LN_EPS = 1e-6
 
 
+def dense(features: int, name: str, dtype: Any, param_dtype: Any, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, kernel_init=weight_init, dtype=dtype, param_dtype=param_dtype,
+                  name=name)
+
+
 def layer_norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
   # Flax reduces LayerNorm statistics in float32 even for bfloat16 inputs.
   return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
@@ -60,11 +65,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c = x.shape[-1]
-    dense = lambda f, name: nn.Dense(f, kernel_init=weight_init, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    y = multi_head_attention(dense(3 * c, "qkv")(x), self.num_heads)
-    return dense(c, "proj")(y)
+    c, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = multi_head_attention(dense(3 * c, "qkv", **kw)(x), self.num_heads)
+    return dense(c, "proj", **kw)(y)
 
 
 class Mlp(nn.Module):
@@ -74,10 +77,9 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda f, name: nn.Dense(f, kernel_init=weight_init, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    y = nn.gelu(dense(self.hidden, "fc1")(x), approximate=False)  # exact erf GELU
-    return dense(x.shape[-1], "fc2")(y)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.gelu(dense(self.hidden, "fc1", **kw)(x), approximate=False)  # exact erf GELU
+    return dense(x.shape[-1], "fc2", **kw)(y)
 
 
 class TransformerLayer(nn.Module):
