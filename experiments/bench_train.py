@@ -27,6 +27,7 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _TRAIN_SIZE = flags.DEFINE_integer("train_size", 10000, "Rows of the synthetic train set (memory bank size).")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s per chip, if not in the built-in table.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Report FLOPs and XLA's memory estimate without running.")
 
 # Dense peak TFLOP/s per chip, by device kind prefix and compute dtype (vendor data sheets).
 PEAK_TFLOPS = {
@@ -75,6 +76,17 @@ def main(argv):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
+  mem = compiled.memory_analysis()
+  # What the step needs on one device, by XLA's buffer assignment: inputs + outputs (less the donated
+  # state they share) + temporaries.
+  xla_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+  dev = jax.devices()[0]
+  if _COMPILE_ONLY.value:
+    print(json.dumps(dict(device_kind=dev.device_kind, config_img_size=size, dtype=config.model.dtype, batch_size=b,
+                          compile_s=compile_s, flops_per_step_per_device=flops,
+                          xla_step_memory_bytes=xla_bytes), indent=1))
+    return
   for _ in range(_WARMUP.value):
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
@@ -84,7 +96,6 @@ def main(argv):
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t0) / _STEPS.value
 
-  dev = jax.devices()[0]
   kind = dev.device_kind
   peak = peak_tflops(kind, config.model.dtype)
   achieved = flops / dt / 1e12  # the compiled program is one device's partition of the step
@@ -94,7 +105,7 @@ def main(argv):
       dtype=config.model.dtype, batch_size=b, step_s=dt, images_per_s=b / dt, compile_s=compile_s,
       flops_per_step_per_device=flops, tflops_per_s_per_device=achieved, peak_tflops_per_device=peak,
       mfu=(achieved / peak) if peak else None, loss=float(m["loss"]),
-      peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
+      peak_device_memory_bytes=stats.get("peak_bytes_in_use"), xla_step_memory_bytes=xla_bytes,
       host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), indent=1))
 
 
