@@ -36,7 +36,7 @@ from ml_collections import config_flags
 from safetensors.numpy import load_file
 
 from hybridhash_jax import checkpoints
-from hybridhash_jax.models import PRESETS, HybridHash, from_config, model_config
+from hybridhash_jax.models import PRESETS, HybridHash, abstract_params, from_config, model_config
 
 IGNORED_PREFIX = "FcLayer."
 _RENAMES = {"hashlayer": "hashlayer_train", "kernel": "weight", "scale": "weight"}
@@ -60,12 +60,6 @@ def _from_torch_layout(leaf: str, a):
   if leaf != "kernel":
     return a
   return a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T
-
-
-def abstract_params(model: HybridHash) -> Any:
-  """The param tree's shapes and dtypes, without allocating."""
-  images = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
 
 
 def to_torch_state_dict(params: Any, model: HybridHash) -> dict[str, np.ndarray]:

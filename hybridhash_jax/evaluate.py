@@ -9,7 +9,6 @@ grid of the top 10 results of a few queries.
 import json
 import os
 import time
-from typing import Any
 
 from absl import logging
 import jax
@@ -122,18 +121,12 @@ class Evaluator:
       json.dump(results, f, indent=2)
 
 
-def abstract_params(model, img_size: int) -> Any:
-  """The params' shapes and dtypes, without allocating them."""
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, img_size, img_size, 3), np.float32),
-                                           train=False)["params"])
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restores params from `workdir` (latest, or `config.eval_step`) onto the present devices and evaluates."""
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   model = models.from_config(config.model)
-  abstract = abstract_params(model, config.model.img_size)
+  abstract = models.abstract_params(model)
   params_sh = sharding.tree_shardings(mesh, abstract)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sh)
   params, _, step = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), abstract, config.to_dict(),

@@ -13,7 +13,7 @@ import pytest
 from flax import serialization, traverse_util
 from safetensors.numpy import load_file, save_file
 
-from hybridhash_jax import checkpoints, convert
+from hybridhash_jax import checkpoints, convert, models
 from hybridhash_jax.models import hybridhash_paper, hybridhash_tiny32, hybridhash_tiny112, model_config
 from hybridhash_jax.models.nest_blocks import Attention
 from tests import fixtures_nest
@@ -74,7 +74,7 @@ def _expected_nest_loaded(depths):
 
 def test_nest_b_count_at_real_sizes():
   model_names = {convert.torch_name(p): a.shape
-                 for p, a in traverse_util.flatten_dict(convert.abstract_params(hybridhash_paper(64))).items()}
+                 for p, a in traverse_util.flatten_dict(models.abstract_params(hybridhash_paper(64))).items()}
   nest = fixtures_nest.nest_shapes(224, 4, (128, 256, 512), NEST_DEPTHS)
   shared = set(model_names) & set(nest)
   assert len(shared) == _expected_nest_loaded(MODEL_DEPTHS) == 243
@@ -169,7 +169,7 @@ def test_convert_cli_writes_a_checkpoint(golden_sd, tmp_path):
                   "--mode=strict", "--preset=tiny112", f"--output={out}"], check=True, env=env,
                  capture_output=True, text=True)
   model = hybridhash_tiny112()
-  restored, saved_config, step = checkpoints.restore_params(str(out), convert.abstract_params(model),
+  restored, saved_config, step = checkpoints.restore_params(str(out), models.abstract_params(model),
                                                             {"model": model_config(model)})
   assert step == 0 and saved_config["model"] == model_config(model)
   _equal_trees(restored, convert.load_torch_weights(golden_sd, model))

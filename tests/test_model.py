@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybridhash_jax import config_lib, convert
+from hybridhash_jax import config_lib, convert, models
 from hybridhash_jax.models import (
     HybridHash, from_config, hybridhash_paper, hybridhash_tiny32, hybridhash_tiny112, model_config)
 from hybridhash_jax.models import hybridhash as hh
@@ -66,7 +66,7 @@ def test_bilinear_matches_pytorch_align_corners_false():
 
 @pytest.mark.parametrize("bits, count", [(16, 55_561_616), (64, 55_586_240)])
 def test_paper_parameter_count(bits, count):
-  params = convert.abstract_params(hybridhash_paper(bits))
+  params = models.abstract_params(hybridhash_paper(bits))
   assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)) == count
 
 

@@ -188,8 +188,8 @@ def test_checkpoint_restore_params_roundtrip(tmp_path):
   config = tiny_config(num_train_steps=4)
   train.train_and_evaluate(config, str(tmp_path))
   step, params, _ = restore_state(tmp_path)
-  from hybridhash_jax import evaluate, models  # pylint: disable=g-import-not-at-top
-  abstract = evaluate.abstract_params(models.from_config(config.model), 16)
+  from hybridhash_jax import models  # pylint: disable=g-import-not-at-top
+  abstract = models.abstract_params(models.from_config(config.model))
   restored, saved, s = checkpoints.restore_params(str(tmp_path / "checkpoints"), abstract, config.to_dict())
   assert s == step and saved["model"]["bits"] == 16
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):

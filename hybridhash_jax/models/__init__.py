@@ -1,7 +1,8 @@
 """The HybridHash model and its presets."""
 
 from hybridhash_jax.models.hybridhash import (
-    PRESETS, HybridHash, from_config, hybridhash_paper, hybridhash_tiny32, hybridhash_tiny112, model_config)
+    PRESETS, HybridHash, abstract_params, from_config, hybridhash_paper, hybridhash_tiny32, hybridhash_tiny112,
+    model_config)
 
-__all__ = ["PRESETS", "HybridHash", "from_config", "hybridhash_paper", "hybridhash_tiny32",
+__all__ = ["PRESETS", "HybridHash", "abstract_params", "from_config", "hybridhash_paper", "hybridhash_tiny32",
            "hybridhash_tiny112", "model_config"]

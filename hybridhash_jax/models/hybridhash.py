@@ -271,6 +271,12 @@ def from_config(model_cfg: Mapping[str, Any]) -> HybridHash:
   return HybridHash(**cfg)
 
 
+def abstract_params(model: HybridHash) -> Any:
+  """The param tree's shapes and dtypes, without allocating."""
+  images = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
+
+
 def model_config(model: HybridHash) -> dict[str, Any]:
   """The model's fields as plain values, to store with a checkpoint."""
   out = {f: getattr(model, f) for f in CONFIG_FIELDS}
