@@ -128,7 +128,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   model = models.from_config(config.model)
   abstract = models.abstract_params(model)
   params_sh = sharding.tree_shardings(mesh, abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sh)
+  abstract = sharding.place(abstract, params_sh)
   params, _, step = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), abstract, config.to_dict(),
                                                config.eval_step)
   splits = input_pipeline.build_splits(config, workdir)

@@ -55,6 +55,11 @@ def tree_shardings(mesh: Mesh, abstract_tree):
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, size)), abstract_tree)
 
 
+def place(abstract_tree, shardings):
+  """Attaches shardings to abstract arrays: the targets orbax restores onto."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
 def global_batch(mesh: Mesh, local_batch: dict) -> dict:
   """Assembles each process's slice of the batch into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)

@@ -79,7 +79,7 @@ def build(config, splits, mesh) -> Setup:
   params_sh = sharding.tree_shardings(mesh, abstract.params)
   state_sh = TrainState(step=rep, params=params_sh, opt_state=sharding.tree_shardings(mesh, abstract.opt_state),
                         bank_u=rep, bank_y=rep, rng=rep)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  abstract = sharding.place(abstract, state_sh)
   return Setup(model, tx, mesh, state_sh, abstract, steps_per_epoch, total)
 
 
