@@ -15,15 +15,19 @@ but distances take only bits + 1 values, so a stable rank is a count:
   rank_j = #{i: d_i < d_j} + #{i <= j: d_i = d_j}.
 Two `lax.scan`s walk the database in index order, `_BLOCK` items at a time, with the queries of a chunk
 on the minor (vector) axis; distances are recomputed per block from packed words (a popcount), never
-stored. The first scan counts items (and relevant items) at each distance; its exclusive prefix over
-distances seeds a (bits + 1, queries) table of the rank the next item at each distance will get. The
-second scan moves that table past each block with a scatter-add, then reads each item's rank back (a
-gather) less the later items of its block at its distance (pairwise compares, with the relevant-only
-count packed in the same uint16); the relevant count is the same construction on relevant items.
-Only the small tables and one block live across steps, so memory does not grow with the database,
-and there is no host loop. Per-block sums stay per lane and are reduced once at the end: a reduction
-inside the loop costs more than the adds. XLA:CPU runs one device's program on one core, so sharding
-the database over CPU devices (below) is how this uses several cores.
+stored. A block becomes per-query bitmasks: its distances' bit planes, ANDed into one mask per
+distance (bit t set when item t is at that distance), and a relevant-item mask. The first scan
+counts the items (and relevant items) at each distance as popcounts of those masks; its exclusive
+prefix over distances seeds a (bits + 1, queries) table of the items ranked before the next item at
+each distance. The second scan reads each item's table entry and its distance's mask in one gather:
+its rank is the entry plus the mask's bits up to its own (its relevant count likewise, on the
+relevant bits), and the table then moves past the block by the popcounts. There is no scatter and no
+pairwise compare (XLA:CPU's scatters are scalar). Only the small tables and one block live across
+steps, so memory does not grow with the database, and there is no host loop. Per-block sums stay per
+lane and are reduced once at the end: a reduction inside the loop costs more than the adds. XLA:CPU
+runs a device's kernels one core at a time unless they are independent: the second scan is unrolled
+by two so that one block's distances run beside the other's gathers. Sharding the database over CPU
+devices (below) is how this uses more cores.
 
 Sharding. With a `Mesh`, the database is split over `axis_name` (contiguous index ranges); each
 device counts its shard, the per-device histograms are all-gathered to give every shard its
@@ -43,10 +47,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
-_BLOCK = 32  # database items per scan step: the fastest of 16 / 32 / 64 (fewer steps vs _BLOCK compares per item)
-_FAR = 255  # uint8 distance given to padding items: matches no bucket, ranks after everything
+_BLOCK = 32  # database items per scan step: one uint32 bitmask per query
+_HIST_GROUP = 4  # blocks per histogram step: fewer, wider steps cost less
+_PACKED_RANK_LIMIT = (1 << 16) - _BLOCK  # ranks that matter all below this: the rank table's counts fit 16 bits
 DEFAULT_CUTOFFS = tuple(range(100, 1001, 100))  # precision@N curve points
-_CHUNK = 4096  # most queries per chunk by default: wide steps amortise the scan's per-step cost; state ~1 KB/query
+_CHUNK = 8192  # most queries per chunk by default: wide steps amortise the scans' per-step cost; state ~1 KB/query
 
 
 def pack_codes(codes) -> np.ndarray:
@@ -60,10 +65,9 @@ def pack_codes(codes) -> np.ndarray:
 def _pack_bits(bits: np.ndarray) -> np.ndarray:
   n, b = bits.shape
   words = -(-b // 32)
-  padded = np.zeros((n, words * 32), np.uint64)
-  padded[:, :b] = bits
-  weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
-  return (padded.reshape(n, words, 32) * weights).sum(-1).astype(np.uint32)
+  packed = np.zeros((n, words * 4), np.uint8)
+  packed[:, :-(-b // 8)] = np.packbits(bits, axis=1, bitorder="little")
+  return packed.view("<u4").astype(np.uint32)
 
 
 def _codes_and_bits(codes, num_bits, name):
@@ -100,94 +104,134 @@ def _block_layout(rows: np.ndarray, num_blocks: int) -> np.ndarray:
   return out.reshape(num_blocks, _BLOCK, rows.shape[1])
 
 
-def _block_distances(q_words, q_labels, words, labels, valid):
-  """One database block against a query chunk: uint8 distances and relevance, both (_BLOCK, queries).
+def _block_bits(q_words, q_labels, block, num_buckets):
+  """One database block against a query chunk, as per-query bitmasks over the block's items.
 
-  The barrier keeps them materialised (a few KB): otherwise XLA re-derives every distance inside each
-  of the many compares that read it.
+  Returns the distances ((_BLOCK, queries) uint32), the per-distance item masks ((num_buckets, queries):
+  bit t of row v is set when item t is at distance v) and the relevant-item mask ((queries,)).
+  The distance is a reduction over words and the bit planes a reduction over items: XLA materialises
+  reductions, where an elementwise expression would be re-derived inside every consumer. Padding items
+  get a distance `far` beyond every bucket; their labels are zero, so they are never relevant.
   """
-  d = sum(lax.population_count(words[:, w, None] ^ q_words[w][None]) for w in range(words.shape[1]))
-  d = jnp.where(valid[:, None], d, _FAR).astype(jnp.uint8)
-  rel = functools.reduce(jnp.logical_or, [(labels[:, w, None] & q_labels[w][None]) != 0
-                                          for w in range(labels.shape[1])])
-  return lax.optimization_barrier((d, rel))
+  words, labels, valid = block
+  num_planes = num_buckets.bit_length()  # distances 0..bits, and far = 2**num_planes - 1 beyond them
+  d = lax.population_count(words[:, :, None] ^ q_words[None]).sum(1, dtype=jnp.uint32)
+  d = jnp.where(valid[:, None], d, (1 << num_planes) - 1)
+  rel = functools.reduce(jnp.bitwise_or, [labels[:, w, None] & q_labels[w] for w in range(labels.shape[1])]) != 0
+  # Bit t of plane b is bit b of d[t]; the last plane holds relevance.
+  b = jnp.arange(num_planes, dtype=jnp.uint32)[:, None, None]
+  bits = jnp.concatenate([(d[None] >> b) & 1, rel[None].astype(jnp.uint32)])
+  planes = (bits << jnp.arange(_BLOCK, dtype=jnp.uint32)[None, :, None]).sum(1, dtype=jnp.uint32)
+  return d, _bucket_masks(planes[:-1], num_buckets), planes[-1]
 
 
-def _count_block(counts, rcounts, d, rel, valid, num_buckets):
-  """Adds the block's items (and its relevant ones) to the (num_buckets, queries) per-distance counts.
+def _and_combinations(planes):
+  """(2**k, queries): row i is the AND over planes b of (plane b if bit b of i is set, else its complement).
 
-  A scatter-add touches one counter per item; comparing against every distance would cost bits + 1.
+  One reduction (one XLA kernel) rather than a stack of 2**k rows, each its own small kernel.
   """
-  bucket = jnp.minimum(d, num_buckets - 1).astype(jnp.int32)
-  cols = jnp.arange(d.shape[1])[None]
-  counts = counts.at[bucket, cols].add(jnp.broadcast_to(valid[:, None], d.shape).astype(jnp.int32),
-                                       mode="promise_in_bounds")
-  return counts, rcounts.at[bucket, cols].add(rel.astype(jnp.int32), mode="promise_in_bounds")
+  k = len(planes)
+  flip = np.asarray([[0 if (i >> b) & 1 else 0xFFFFFFFF for b in range(k)] for i in range(1 << k)], np.uint32)
+  return lax.reduce(planes[None] ^ flip[:, :, None], np.uint32(0xFFFFFFFF), lax.bitwise_and, (1,))
 
 
-def _chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, axis_name):
+def _bucket_masks(planes, num_buckets):
+  """(num_buckets, queries) uint32: row v is the AND of one form of every distance bit plane.
+
+  The low and high halves of the planes are combined separately first, so a row costs one AND.
+  """
+  k = len(planes) // 2
+  low, high = _and_combinations(planes[:k]), _and_combinations(planes[k:])
+  return (high[:, None] & low[None]).reshape(-1, planes.shape[1])[:num_buckets]
+
+
+def _rank_table(tot_all, before, cap):
+  """The second scan's table, and how to advance and read it.
+
+  The table holds, per distance and query, the items ranked before the next item at that distance
+  and the relevant ones among them. With `cap`, both counts share one uint32 (one gather instead of
+  two), 16 bits each, saturating at cap (see `ranking_counts`). Returns (fields, advance(fields,
+  counts, rel_counts), unpack(gathered) -> (ranked before, relevant before)).
+  """
+  start = (jnp.cumsum(tot_all, 1) - tot_all + before).astype(jnp.uint32)
+  if cap is None:
+    return ((start[0], start[1]), lambda f, c, r: (f[0] + c, f[1] + r),
+            lambda got: (got[..., 0], got[..., 1]))
+
+  def advance(fields, counts, rel_counts):
+    (f,) = fields
+    return (jnp.minimum((f & 0xFFFF) + counts, cap) | (jnp.minimum((f >> 16) + rel_counts, cap) << 16),)
+
+  return ((jnp.minimum(start[0], cap) | (jnp.minimum(start[1], cap) << 16),), advance,
+          lambda got: (got[..., 0] & 0xFFFF, got[..., 0] >> 16))
+
+
+def _chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, cap, axis_name):
   """Per-query sums for one query chunk (queries on the minor axis) against one database shard.
 
   Returns (sum of precisions at relevant items in the top K, number of them, hits at each cutoff,
   distance histogram, relevant-item distance histogram), summed over shards; all counts are exact.
   """
   qc = q_words.shape[1]
-  zeros = jnp.zeros((num_buckets, qc), jnp.int32)
 
-  def histogram(tot, block):
-    d, rel = _block_distances(q_words, q_labels, *block)
-    return _count_block(*tot, d, rel, block[2], num_buckets), None
+  def histogram(tot, blocks):  # _HIST_GROUP blocks per step: counting needs no order
+    _, masks, rel_mask = jax.vmap(lambda b: _block_bits(q_words, q_labels, b, num_buckets))(blocks)
+    counts = jnp.stack([lax.population_count(masks), lax.population_count(masks & rel_mask[:, None])], 1)
+    return tot + counts.sum(0, dtype=jnp.int32), None
 
-  (tot, rtot), _ = lax.scan(histogram, (zeros, zeros), (db_words, db_labels, valid))
+  groups = jax.tree.map(lambda x: x.reshape(-1, _HIST_GROUP, *x.shape[1:]), (db_words, db_labels, valid))
+  tot, _ = lax.scan(histogram, jnp.zeros((2, num_buckets, qc), jnp.int32), groups)
   if axis_name is None:
-    before, rbefore, tot_all, rtot_all = 0, 0, tot, rtot
+    before, tot_all = 0, tot
   else:
-    every, revery = lax.all_gather(tot, axis_name), lax.all_gather(rtot, axis_name)  # (shards, V, qc)
-    earlier = (jnp.arange(every.shape[0]) < lax.axis_index(axis_name))[:, None, None]
-    before, rbefore = (every * earlier).sum(0), (revery * earlier).sum(0)
-    tot_all, rtot_all = every.sum(0), revery.sum(0)
-  after = [(jnp.arange(_BLOCK) < s)[:, None] for s in range(1, _BLOCK)]
+    every = lax.all_gather(tot, axis_name)  # (shards, 2, V, qc)
+    earlier = (jnp.arange(every.shape[0]) < lax.axis_index(axis_name))[:, None, None, None]
+    before, tot_all = (every * earlier).sum(0), every.sum(0)
+  fields, advance, unpack = _rank_table(tot_all, before, cap)
+  item = jnp.arange(_BLOCK, dtype=jnp.uint32)[:, None]
+  upto = jnp.uint32(0xFFFFFFFF) >> (_BLOCK - 1 - item)  # bits 0..t
+  cols = jnp.arange(qc, dtype=jnp.uint32)[None]
 
   def rank_block(carry, block):
-    base, rbase, ap_sum, n_rel, pn = carry
-    d, rel = _block_distances(q_words, q_labels, *block)
-    # Move the tables past the block first, then read them back: item t's rank is the table entry less
-    # 1 and less the later items of the block at its distance. Reading after the in-place update spares
-    # XLA keeping a copy of the old tables for the reads.
-    base, rbase = _count_block(base, rbase, d, rel, block[2], num_buckets)
-    weight = 1 + 256 * rel.astype(jnp.uint16)  # later same-distance items (low byte), relevant ones (high)
-    packed = sum(jnp.where((d[s][None] == d) & m, weight[s][None], jnp.uint16(0))
-                 for s, m in zip(range(1, _BLOCK), after))
-    bucket = jnp.minimum(d, num_buckets - 1).astype(jnp.int32)
-    rank = jnp.take_along_axis(base, bucket, 0, mode="promise_in_bounds") - 1 - (packed & 255)
-    hits = jnp.take_along_axis(rbase, bucket, 0, mode="promise_in_bounds") - 1 - (packed >> 8)
+    fields, (ap_sum, n_rel, pn) = carry
+    d, masks, rel_mask = _block_bits(q_words, q_labels, block, num_buckets)
+    # One 1-D gather (the fast kind) reads each item's table entry and its distance's item mask, taken
+    # side by side before the table moves past the block (reading the moved table would make XLA
+    # fuse the update into the gather).
+    flat = jnp.minimum(d, num_buckets - 1) * qc + cols
+    got = jnp.stack([*fields, masks], -1).reshape(num_buckets * qc, -1).at[flat].get(mode="promise_in_bounds")
+    same = got[..., -1] & upto  # items up to and including t at item t's distance
+    ranked_before, relevant_before = unpack(got)
+    rank = (ranked_before + lax.population_count(same)).astype(jnp.int32)
+    hits = (relevant_before + lax.population_count(same & rel_mask)).astype(jnp.int32)
+    rel = ((rel_mask >> item) & 1) != 0
     in_k = rel & (rank <= top_k)
     ap_sum = ap_sum + jnp.where(in_k, hits.astype(jnp.float32) / rank.astype(jnp.float32), 0.0)
     n_rel = n_rel + in_k.astype(jnp.int32)
     pn = pn + (rel & (rank <= jnp.asarray(cutoffs, jnp.int32)[:, None, None])).astype(jnp.int32)
-    return (base, rbase, ap_sum, n_rel, pn), None
+    fields = advance(fields, lax.population_count(masks), lax.population_count(masks & rel_mask))
+    return (fields, (ap_sum, n_rel, pn)), None
 
-  # Rank of the next item at each distance, and the relevant count including it.
-  base = jnp.cumsum(tot_all, 0) - tot_all + before + 1
-  rbase = jnp.cumsum(rtot_all, 0) - rtot_all + rbefore + 1
   # Per-lane sums (reduced once at the end): a reduction inside the loop costs more than the adds.
-  init = (base, rbase, jnp.zeros((_BLOCK, qc), jnp.float32), jnp.zeros((_BLOCK, qc), jnp.int32),
+  # Unrolling by two lets XLA:CPU run one block's distances beside the other's gathers, on two cores.
+  sums = (jnp.zeros((_BLOCK, qc), jnp.float32), jnp.zeros((_BLOCK, qc), jnp.int32),
           jnp.zeros((len(cutoffs), _BLOCK, qc), jnp.int32))
-  _, _, ap_sum, n_rel, pn = lax.scan(rank_block, init, (db_words, db_labels, valid))[0]
+  _, (ap_sum, n_rel, pn) = lax.scan(rank_block, (fields, sums), (db_words, db_labels, valid), unroll=2)[0]
   ap_sum, n_rel, pn = ap_sum.sum(0), n_rel.sum(0), pn.sum(1).T
   if axis_name is not None:
     ap_sum, n_rel, pn = lax.psum((ap_sum, n_rel, pn), axis_name)
-  return ap_sum, n_rel, pn, tot_all.T, rtot_all.T
+  return ap_sum, n_rel, pn, tot_all[0].T, tot_all[1].T
 
 
-@functools.partial(jax.jit, static_argnames=("num_buckets", "top_k", "cutoffs", "chunk_size", "mesh", "axis_name"))
-def _ranking_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, chunk_size,
+@functools.partial(jax.jit, static_argnames=("num_buckets", "top_k", "cutoffs", "cap", "chunk_size", "mesh",
+                                             "axis_name"))
+def _ranking_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, cap, chunk_size,
                     mesh, axis_name):
   nq = q_words.shape[0]
   pad = -nq % chunk_size
   q_words = jnp.pad(q_words, ((0, pad), (0, 0))).reshape(-1, chunk_size, q_words.shape[1]).transpose(0, 2, 1)
   q_labels = jnp.pad(q_labels, ((0, pad), (0, 0))).reshape(-1, chunk_size, q_labels.shape[1]).transpose(0, 2, 1)
-  kw = dict(num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs)
+  kw = dict(num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs, cap=cap)
 
   def run(q_words, q_labels, db_words, db_labels, valid, axis_name):
     return lax.map(lambda q: _chunk_counts(*q, db_words, db_labels, valid, axis_name=axis_name, **kw),
@@ -210,15 +254,13 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   Returns ap (Q,), hits_in_top_k (Q,) (relevant items within the top K), hits_at_cutoffs (Q, len(cutoffs))
   (relevant items within the top N for each cutoff N), hist and rel_hist (Q, bits + 1) (database and
   relevant items at each distance), and the resolved top_k.
-  `chunk_size` queries are processed at a time (any size; default: equal chunks of at most 4096). With `mesh`,
+  `chunk_size` queries are processed at a time (any size; default: equal chunks of at most 8192). With `mesh`,
   the database is sharded over `axis_name`.
   """
   q_words, bits = _codes_and_bits(query_codes, num_bits, "query_codes")
   db_words, db_bits = _codes_and_bits(db_codes, num_bits, "db_codes")
   if bits != db_bits or q_words.shape[1] != db_words.shape[1]:
     raise ValueError(f"query_codes have {bits} bits but db_codes have {db_bits}")
-  if bits + 1 >= _FAR:
-    raise ValueError(f"at most {_FAR - 2} bits are supported, got {bits}")
   q_lab, db_lab = _pack_labels(query_labels, "query_labels"), _pack_labels(db_labels, "db_labels")
   if len(q_lab) != len(q_words) or len(db_lab) != len(db_words):
     raise ValueError(f"labels do not match codes: query {len(q_lab)} vs {len(q_words)}, "
@@ -238,7 +280,7 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   if any(c <= 0 for c in cutoffs):
     raise ValueError(f"cutoffs must be positive, got {cutoffs}")
   shards = 1 if mesh is None else mesh.shape[axis_name]
-  num_blocks = -(-max(n, 1) // (_BLOCK * shards)) * shards
+  num_blocks = -(-max(n, 1) // (_BLOCK * shards * _HIST_GROUP)) * shards * _HIST_GROUP
   if chunk_size is None:
     nq = max(len(q_words), 1)
     chunk_size = -(-nq // -(-nq // _CHUNK))  # equal chunks of at most _CHUNK
@@ -247,8 +289,14 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   if mesh is not None:
     spec = [P(), P(), P(axis_name), P(axis_name), P(axis_name)]
     args = tuple(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, spec))
+  # Ranks above rank_limit only need to read as such. Below _PACKED_RANK_LIMIT the rank table's two counts
+  # share a uint32, 16 bits each, saturating at cap = rank_limit (a field plus one block's count stays
+  # below 2**16). A rank is an entry plus at least 1, so a rank up to rank_limit comes from an entry
+  # below cap, which is exact, and a saturated entry gives a rank above rank_limit.
+  rank_limit = min(max((top_k, *cutoffs)), n)
   ap_sum, n_rel, pn, hist, rhist = _ranking_counts(
-      *args, num_buckets=bits + 1, top_k=top_k, cutoffs=cutoffs, chunk_size=int(chunk_size), mesh=mesh,
+      *args, num_buckets=bits + 1, top_k=top_k, cutoffs=cutoffs,
+      cap=rank_limit if rank_limit < _PACKED_RANK_LIMIT else None, chunk_size=int(chunk_size), mesh=mesh,
       axis_name=axis_name if mesh is not None else None)
   ap = jnp.where(n_rel > 0, ap_sum / jnp.maximum(n_rel, 1), 0.0)
   return dict(ap=ap, hits_in_top_k=n_rel, hits_at_cutoffs=pn, hist=hist, rel_hist=rhist, top_k=top_k)

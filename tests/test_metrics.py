@@ -54,6 +54,8 @@ CASES = [  # seed, queries, database, bits, classes, multi-label, top_k, chunk
     (3, 9, 500, 10, 6, False, 77, 5),
     (7, 6, 20, 6, 2, False, 5, 6),  # database smaller than one scan block
     (8, 5, 64, 4, 3, True, None, 5),  # database exactly two blocks
+    (9, 6, 300, 40, 4, True, 25, 4),  # two code words
+    (10, 5, 200, 64, 3, False, None, 5),
 ]
 
 
@@ -75,6 +77,20 @@ def test_matches_numpy_reference(seed, nq, ndb, bits, classes, multi, top_k, chu
   np.testing.assert_allclose(m["pr_curve"]["precision"], ref["precision"].mean(0), atol=1e-12)
   np.testing.assert_allclose(m["pr_curve"]["recall"], ref["recall"].mean(0), atol=1e-12)
   assert m["precision_at_radius_2"] == pytest.approx(ref["precision"][:, 2].mean(), abs=1e-12)
+
+
+@pytest.mark.parametrize("packed_below", [None, 0])  # the default packed rank table, and two int fields
+def test_ranks_past_the_limits_are_counted_exactly(monkeypatch, packed_below):
+  # top_k and cutoffs far below the database size: the packed table's counts saturate at 10 + 32, and
+  # items ranked beyond it must still count as outside the top K, never wrap into it.
+  if packed_below is not None:
+    monkeypatch.setattr(metrics, "_PACKED_RANK_LIMIT", packed_below)
+  q, db, ql, dbl = _data(11, 9, 700, 6, 3, True)
+  ref = _reference(q, db, ql, dbl, 7, (1, 3, 10))
+  got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, 7, cutoffs=(1, 3, 10), chunk_size=4))
+  np.testing.assert_allclose(got["ap"], ref["ap"], atol=1e-6)
+  np.testing.assert_allclose(got["hits_at_cutoffs"] / np.array([1, 3, 10]), ref["pn"], atol=1e-12)
+  np.testing.assert_array_equal(got["hist"], ref["hist"])
 
 
 def test_packed_codes_and_class_ids_give_the_same_counts():
