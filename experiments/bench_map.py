@@ -137,7 +137,7 @@ def main(argv):
   parser.add_argument("--flip", type=float, default=0.2, help="per-bit flip probability around the prototype")
   parser.add_argument("--baseline_queries", type=int, default=0, help="run the baseline on this many queries "
                       "(0 = all) and scale its time to all of them")
-  parser.add_argument("--chunk_size", type=int, default=None, help="queries per chunk (default: all, up to 4096)")
+  parser.add_argument("--chunk_size", type=int, default=None, help="queries per chunk (default: all, up to 8192)")
   parser.add_argument("--devices", type=int, default=1, help="shard the database over this many devices (on a "
                       "CPU host, that many CPU devices: one core each)")
   args = parser.parse_args(argv)
