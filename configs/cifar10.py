@@ -6,10 +6,10 @@ r"""CIFAR-10: the paper's model and optimiser under the deep-hashing protocols (
   python -m hybridhash_jax.main --config=configs/cifar10.py:runlocal --workdir=/tmp/hh_local   # tiny, CPU
 
 The NesT-B start the paper uses (timm's `nest_base_jx.goog_in1k`, as safetensors) is converted once
-per model variant (bits and the ablation switches are part of the checkpoint's model):
+and serves every `bits` (the hash layer keeps its initialisation); the `interaction` and `hash_global`
+switches change the parameters, so convert once per setting of those:
   python -m hybridhash_jax.convert --source nest_base_jx.safetensors --format torch --mode nest \
       --config configs/cifar10.py --output /tmp/nest_b_init
-  (and e.g. --config configs/cifar10.py:bits=32 --output /tmp/nest_b_init_32 for 32 bits).
 
 Arguments (`configs/cifar10.py:k=v,...`):
   bits=16|32|48|64 (64)   protocol=cifar10|cifar10-1|cifar10-2 (cifar10)   source=tfds|archive (tfds)

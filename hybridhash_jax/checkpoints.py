@@ -19,7 +19,10 @@ import orbax.checkpoint as ocp
 
 MODEL_FIELDS = tuple(f"model.{k}" for k in (
     "img_size", "patch_size", "embed_dims", "num_heads", "depths", "bits", "mlp_ratio",
-    "interaction", "hash_global"))
+    "interaction", "hash_global", "token_layout"))
+# A params-only start (`init_checkpoint`) may have another code length (NesT-B converted once serves
+# every bit length, the hash layer keeping its initialisation) and token layout (no parameter of its own).
+INIT_FIELDS = tuple(f for f in MODEL_FIELDS if f not in ("model.bits", "model.token_layout"))
 # Resuming also needs the same bank shape, split and data order.
 RESUME_FIELDS = MODEL_FIELDS + (
     "seed", "batch_size", "data.name", "data.protocol", "data.num_classes", "data.split_seed",
@@ -55,22 +58,33 @@ def save_params(directory: str, params: Any, config: dict, step: int = 0) -> Non
     mngr.wait_until_finished()
 
 
-def restore_params(directory: str, abstract_params: Any, config: dict, step: int | None = None):
-  """Restores params (onto the shardings of `abstract_params`) and the saved config.
-
-  Refuses, naming the fields, a checkpoint whose model differs from `config["model"]`.
-  """
+def _open(directory: str) -> ocp.CheckpointManager:
   if not os.path.isdir(directory):
     raise FileNotFoundError(
         f"no checkpoint directory {directory}. For NesT-B weights, convert them first: python -m "
         "hybridhash_jax.convert --source nest_base_jx.safetensors --format torch --mode nest --config CONFIG "
         "--output DIR (see README, 'Bring NesT-B weights').")
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def read_config(directory: str, step: int | None = None) -> tuple[dict, int]:
+  """The config saved with a checkpoint, and its step (the latest by default)."""
+  with _open(directory) as mngr:
     step = mngr.latest_step() if step is None or step < 0 else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint found in {directory}")
-    saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    check_compatible(saved_config, config, f"{directory} (step {step})")
+    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step
+
+
+def restore_params(directory: str, abstract_params: Any, config: dict, step: int | None = None,
+                   fields=MODEL_FIELDS):
+  """Restores params (onto the shardings of `abstract_params`) and the saved config.
+
+  Refuses, naming them, a checkpoint whose config differs from `config` in `fields`.
+  """
+  saved_config, step = read_config(directory, step)
+  check_compatible(saved_config, config, f"{directory} (step {step})", fields)
+  with _open(directory) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
   return restored["params"], saved_config, step
 

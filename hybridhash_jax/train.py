@@ -126,11 +126,28 @@ def initial_state(setup: Setup, config) -> TrainState:
                            num_classes=setup.abstract_state.bank_y.shape[1])
   state = jax.jit(init, out_shardings=setup.state_shardings)(jax.random.PRNGKey(config.seed))
   if config.init_checkpoint:
-    params, _, step = checkpoints.restore_params(config.init_checkpoint, setup.abstract_state.params,
-                                                 config.to_dict())
-    logging.info("Params initialised from %s (step %d).", config.init_checkpoint, step)
-    state = state.replace(params=params)
+    state = state.replace(params=_init_params(config, setup, state.params))
   return state
+
+
+def _init_params(config, setup: Setup, fresh: Any) -> Any:
+  """The params of `config.init_checkpoint`, onto the run's shardings.
+
+  A checkpoint written for another code length (`model.bits`; NesT-B converted once, say) gives every
+  param but the hash layer's, which keep their fresh initialisation; any other model field must match.
+  """
+  directory = config.init_checkpoint
+  saved_bits = checkpoints.read_config(directory)[0].get("model", {}).get("bits", config.model.bits)
+  saved = models.abstract_params(models.from_config(dict(config.model.to_dict(), bits=saved_bits)))
+  target = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(
+      s.shape, a.dtype, sharding=a.sharding if s.shape == a.shape else sharding.replicated(setup.mesh)),
+                        saved, setup.abstract_state.params)
+  params, _, step = checkpoints.restore_params(directory, target, config.to_dict(), fields=checkpoints.INIT_FIELDS)
+  kept = [jax.tree_util.keystr(path) for (path, p), f in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                                              jax.tree.leaves(fresh)) if p.shape != f.shape]
+  logging.info("Params initialised from %s (step %d)%s.", directory, step,
+               f"; written for {saved_bits} bits, so {', '.join(kept)} keep their initialisation" if kept else "")
+  return jax.tree.map(lambda p, f: p if p.shape == f.shape else f, params, fresh)
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:

@@ -168,6 +168,8 @@ def test_wrong_checkpoint_is_refused_naming_the_field(tmp_path):
   from hybridhash_jax import evaluate  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"model\.bits"):
     evaluate.evaluate_checkpoint(tiny_config(**{"model.bits": 32}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"model\.token_layout"):  # no parameter of its own, yet other outputs
+    evaluate.evaluate_checkpoint(tiny_config(**{"model.token_layout": "spatial"}), str(tmp_path))
 
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -206,6 +208,30 @@ def test_init_checkpoint_seeds_params_only(tmp_path):
   assert int(state.step) == 0 and float(np.abs(state.bank_u).sum()) == 0.0  # a fresh run...
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params_a)):
     np.testing.assert_array_equal(a, b)  # ...starting from the given params
+
+
+def test_init_checkpoint_of_another_code_length_seeds_all_but_the_hash_layer(tmp_path):
+  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "a"))  # 16 bits
+  _, params_a, _ = restore_state(tmp_path / "a")
+  init = str(tmp_path / "a" / "checkpoints")
+  config = tiny_config(num_train_steps=4, init_checkpoint=init, **{"model.bits": 32})
+  splits = input_pipeline.build_splits(config, str(tmp_path / "b"))
+  mesh = sharding.make_mesh(config.mesh)
+  setup = train.build(config, splits, mesh)
+  seeded = jax.device_get(train.initial_state(setup, config).params)
+  fresh = jax.device_get(train.initial_state(setup, tiny_config(**{"model.bits": 32})).params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(seeded)[0]]
+  head = [i for i, p in enumerate(paths) if "hashlayer" in p]
+  assert head and len(head) < len(paths)
+  for i, (s, a, f) in enumerate(zip(jax.tree.leaves(seeded), jax.tree.leaves(params_a), jax.tree.leaves(fresh))):
+    if i in head and s.shape != a.shape:
+      np.testing.assert_array_equal(s, f)  # the 32-bit hash layer keeps its initialisation
+    else:
+      np.testing.assert_array_equal(s, a)  # everything else comes from the 16-bit checkpoint
+  assert sum(s.shape != a.shape for s, a in zip(jax.tree.leaves(seeded), jax.tree.leaves(params_a))) >= 1
+  other = tiny_config(init_checkpoint=init, **{"model.bits": 32, "model.embed_dims": (8, 16, 24)})
+  with pytest.raises(ValueError, match=r"model\.embed_dims"):  # any other model field must match
+    train.initial_state(train.build(other, splits, mesh), other)
 
 
 def test_missing_init_checkpoint_exits_with_one_message(tmp_path):
