@@ -51,7 +51,7 @@ _BLOCK = 32  # database items per scan step: one uint32 bitmask per query
 _HIST_GROUP = 4  # blocks per histogram step: fewer, wider steps cost less
 _PACKED_RANK_LIMIT = (1 << 16) - _BLOCK  # ranks that matter all below this: the rank table's counts fit 16 bits
 DEFAULT_CUTOFFS = tuple(range(100, 1001, 100))  # precision@N curve points
-_CHUNK = 8192  # most queries per chunk by default: wide steps amortise the scans' per-step cost; state ~1 KB/query
+_CHUNK = 8192  # most queries per chunk by default: wide steps amortise the scans' per-step cost (a few KB per query)
 
 
 def pack_codes(codes) -> np.ndarray:
