@@ -67,13 +67,17 @@ def _open(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
 
 
+def _saved_config(mngr: ocp.CheckpointManager, directory: str, step: int | None) -> tuple[dict, int]:
+  step = mngr.latest_step() if step is None or step < 0 else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {directory}")
+  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step
+
+
 def read_config(directory: str, step: int | None = None) -> tuple[dict, int]:
   """The config saved with a checkpoint, and its step (the latest by default)."""
   with _open(directory) as mngr:
-    step = mngr.latest_step() if step is None or step < 0 else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint found in {directory}")
-    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step
+    return _saved_config(mngr, directory, step)
 
 
 def restore_params(directory: str, abstract_params: Any, config: dict, step: int | None = None,
@@ -82,9 +86,9 @@ def restore_params(directory: str, abstract_params: Any, config: dict, step: int
 
   Refuses, naming them, a checkpoint whose config differs from `config` in `fields`.
   """
-  saved_config, step = read_config(directory, step)
-  check_compatible(saved_config, config, f"{directory} (step {step})", fields)
   with _open(directory) as mngr:
+    saved_config, step = _saved_config(mngr, directory, step)
+    check_compatible(saved_config, config, f"{directory} (step {step})", fields)
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
   return restored["params"], saved_config, step
 
