@@ -11,15 +11,16 @@ Converted weights (`python -m hybridhash_jax.convert`) are a step-0 checkpoint w
 """
 
 import json
-import os
 from typing import Any
 
+from etils import epath
 import grain
 import orbax.checkpoint as ocp
 
-MODEL_FIELDS = tuple(f"model.{k}" for k in (
-    "img_size", "patch_size", "embed_dims", "num_heads", "depths", "bits", "mlp_ratio",
-    "interaction", "hash_global", "token_layout"))
+from hybridhash_jax import errors
+from hybridhash_jax import models
+
+MODEL_FIELDS = tuple(f"model.{k}" for k in models.ARCHITECTURE_FIELDS)
 # A params-only start (`init_checkpoint`) may have another code length (NesT-B converted once serves
 # every bit length, the hash layer keeping its initialisation) and token layout (no parameter of its own).
 INIT_FIELDS = tuple(f for f in MODEL_FIELDS if f not in ("model.bits", "model.token_layout"))
@@ -47,7 +48,7 @@ def check_compatible(saved_config: dict, config: dict, where: str, fields=MODEL_
   diffs = [f"{f}: checkpoint has {_get(saved_config, f)!r}, config has {_get(config, f)!r}"
            for f in fields if _get(saved_config, f) != _get(config, f)]
   if diffs:
-    raise ValueError(f"checkpoint {where} was written for another model or run:\n  " + "\n  ".join(diffs))
+    raise errors.ConfigError(f"checkpoint {where} was written for another model or run:\n  " + "\n  ".join(diffs))
 
 
 def save_params(directory: str, params: Any, config: dict, step: int = 0) -> None:
@@ -59,7 +60,7 @@ def save_params(directory: str, params: Any, config: dict, step: int = 0) -> Non
 
 
 def _open(directory: str) -> ocp.CheckpointManager:
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(
         f"no checkpoint directory {directory}. For NesT-B weights, convert them first: python -m "
         "hybridhash_jax.convert --source nest_base_jx.safetensors --format torch --mode nest --config CONFIG "

@@ -17,6 +17,9 @@ from typing import Any
 import ml_collections
 
 from hybridhash_jax import config_lib
+from hybridhash_jax import errors
+from hybridhash_jax import models
+from hybridhash_jax import optim
 from hybridhash_jax.data import listfile
 
 BITS = (16, 32, 48, 64)
@@ -54,12 +57,12 @@ def common_args() -> dict[str, Arg]:
   return dict(
       bits=Arg(64, BITS),
       runlocal=Arg(False),
-      token_layout=Arg("reference", ("reference", "spatial")),
+      token_layout=Arg("reference", models.TOKEN_LAYOUTS),
       interaction=Arg(True),
       hash_global=Arg(True),
       memory_bank_size=Arg(-1),
-      optimizer=Arg("rmsprop", ("rmsprop", "adamw")),
-      dtype=Arg("auto", ("auto", "float32", "bfloat16")),  # auto: bfloat16, float32 with runlocal
+      optimizer=Arg("rmsprop", optim.NAMES),
+      dtype=Arg("auto", ("auto", *models.DTYPES)),  # auto: bfloat16, float32 with runlocal
   )
 
 
@@ -70,12 +73,12 @@ def _convert(key: str, text: str, default: Any) -> Any:
       return True
     if text.lower() in _FALSE:
       return False
-    raise ValueError(f"{key} must be True or False, got {text!r}")
+    raise errors.ConfigError(f"{key} must be True or False, got {text!r}")
   if kind in (int, float):
     try:
       return kind(text)
     except ValueError:
-      raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+      raise errors.ConfigError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
   return text
 
 
@@ -92,18 +95,18 @@ def parse(arg: str | None, spec: dict[str, Arg], where: str = "config") -> ml_co
     key, eq, text = item.partition("=")
     key = key.strip()
     if key not in spec:
-      raise ValueError(f"{where}: unknown argument {key!r}; known: {', '.join(spec)}")
+      raise errors.ConfigError(f"{where}: unknown argument {key!r}; known: {', '.join(spec)}")
     a = spec[key]
     if not eq:
       if type(a.default) is not bool:
-        raise ValueError(f"{where}: argument {key!r} needs a value ({key}=...)")
+        raise errors.ConfigError(f"{where}: argument {key!r} needs a value ({key}=...)")
       text = "true"
     try:
       value = _convert(key, text.strip(), a.default)
     except ValueError as e:
-      raise ValueError(f"{where}: {e}") from None
+      raise errors.ConfigError(f"{where}: {e}") from None
     if a.choices and value not in a.choices:
-      raise ValueError(f"{where}: {key} must be one of {', '.join(map(str, a.choices))}, got {text.strip()!r}")
+      raise errors.ConfigError(f"{where}: {key} must be one of {', '.join(map(str, a.choices))}, got {text.strip()!r}")
     values[key] = value
   return ml_collections.ConfigDict(values)
 

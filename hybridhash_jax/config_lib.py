@@ -6,6 +6,10 @@ misspelt key fails under `lock_config=True` and every run has the same fields.
 
 import ml_collections
 
+from hybridhash_jax import errors
+from hybridhash_jax import models
+from hybridhash_jax import optim
+
 PAPER_MODEL = dict(
     img_size=224,
     patch_size=4,
@@ -45,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
       query_per_class=100,  # folder datasets
       train_per_class=500,  # folder datasets
       on_bad_image="error",  # error | skip
+      check_images=True,  # decode every file of every split before the first step
       num_workers=2,
       prefetch_buffer_size=2,
   ))
@@ -75,16 +80,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_checkpoint = ""  # params only, e.g. converted NesT-B weights
   c.eval_only = False
   c.eval_step = -1  # eval_only: -1 restores the latest checkpoint
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all devices left over
+  # data=-1: all devices left over. With fsdp > 1, leaves of fsdp_min_size or more elements are split
+  # over the fsdp axis; smaller ones stay replicated (splitting them costs more than it saves).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**16))
   return c
 
 
 _CHOICES = {
-    "model.token_layout": ("reference", "spatial"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "optimizer.name": ("rmsprop", "adamw"),
-    "optimizer.schedule": ("constant", "warmup_cosine"),
+    **{f"model.{k}": v for k, v in models.CHOICES.items()},
+    "optimizer.name": optim.NAMES,
+    "optimizer.schedule": optim.SCHEDULES,
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
              "model.bits", "optimizer.learning_rate")
@@ -103,9 +108,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   for field, choices in _CHOICES.items():
     if _get(config, field) not in choices:
-      raise ValueError(f"config.{field}={_get(config, field)!r} is not one of {choices}")
+      raise errors.ConfigError(f"config.{field}={_get(config, field)!r} is not one of {choices}")
   for field in _POSITIVE:
     if not _get(config, field) > 0:
-      raise ValueError(f"config.{field}={_get(config, field)!r} must be > 0")
+      raise errors.ConfigError(f"config.{field}={_get(config, field)!r} must be > 0")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError("config.num_epochs must be > 0 (or set config.num_train_steps)")
+    raise errors.ConfigError("config.num_epochs must be > 0 (or set config.num_train_steps)")
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+  """`validate`, and what only training needs."""
+  validate(config)
+  if config.model.param_dtype != "float32":
+    raise errors.ConfigError(
+        f"config.model.param_dtype={config.model.param_dtype!r} cannot train: no float32 master copy of the "
+        f"params is kept, and {config.optimizer.name} updates near optimizer.learning_rate="
+        f"{config.optimizer.learning_rate:g} are below bfloat16's resolution (~0.4% of a param), so they round "
+        "away. Train with param_dtype='float32' (model.dtype='bfloat16' still computes in bfloat16); bfloat16 "
+        "params are for evaluation and export.")

@@ -6,11 +6,10 @@ best mAP, each named as such), the PR curve and precision@N as JSON and PNG, and
 grid of the top 10 results of a few queries.
 """
 
-import json
-import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -18,6 +17,7 @@ import numpy as np
 
 from hybridhash_jax import checkpoints
 from hybridhash_jax import config_lib
+from hybridhash_jax import files
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import metric_writer
 from hybridhash_jax import metrics
@@ -29,17 +29,14 @@ GRID_QUERIES = 5
 GRID_TOP = 10
 
 
-def _results_path(workdir: str) -> str:
-  return os.path.join(workdir, "eval", "results.json")
+def _results_path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "eval" / "results.json"
 
 
 def load_history(workdir: str) -> dict:
   """Earlier evaluations of this run (after a resume), so `best` spans the whole run."""
   path = _results_path(workdir)
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return files.read_json(path) if path.exists() else {}
 
 
 class Evaluator:
@@ -56,9 +53,13 @@ class Evaluator:
 
     self._encode = jax.jit(encode, in_shardings=(params_shardings, batch_sh), out_shardings=batch_sh)
 
-  def encode(self, params, source) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (tanh outputs) and labels of every example of `source`, in source order."""
+  def encode(self, params, source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes (tanh outputs), labels and `valid` of every example of `source`, in source order.
+
+    `valid` is False on skipped images (on_bad_image="skip"), whose codes and labels stay zero.
+    """
     codes, labels = np.zeros((len(source), self._config.model.bits), np.float32), None
+    valid = np.zeros(len(source), bool)
     for local in input_pipeline.eval_batches(self._config, source, local_batch_size=self._local_batch,
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count()):
@@ -70,23 +71,29 @@ class Evaluator:
         labels = np.zeros((len(source), label.shape[1]), np.float32)
       codes[index[mask]] = out[mask]
       labels[index[mask]] = label[mask]
-    return codes, labels
+      valid[index[mask]] = True
+    return codes, labels, valid
 
   def run(self, params, splits, step: int, workdir: str, history: dict,
           writer: metric_writer.MetricWriter | None = None) -> dict:
     """Evaluates `params`, writes `workdir/eval/`, and returns the updated results (final and best)."""
     t0 = time.perf_counter()
-    q_codes, q_labels = self.encode(params, splits.query)
-    db_codes, db_labels = self.encode(params, splits.database)
+    # Skipped images leave both sets before ranking; `*_rows` map what is left back to source rows.
+    q_codes, q_labels, q_valid = self.encode(params, splits.query)
+    db_codes, db_labels, db_valid = self.encode(params, splits.database)
+    q_rows, db_rows = np.flatnonzero(q_valid), np.flatnonzero(db_valid)
+    q_codes, q_labels, db_codes, db_labels = q_codes[q_rows], q_labels[q_rows], db_codes[db_rows], db_labels[db_rows]
+    top_k = min(splits.top_k, len(db_rows))  # K = all (-1) is all that is left
     t1 = time.perf_counter()
     # The database is sharded over the mesh's data axis: on a CPU host, one device per core.
-    m = metrics.retrieval_metrics(q_codes, db_codes, q_labels, db_labels, top_k=splits.top_k, mesh=self._mesh)
+    m = metrics.retrieval_metrics(q_codes, db_codes, q_labels, db_labels, top_k=top_k, mesh=self._mesh)
     t2 = time.perf_counter()
     cfg = self._config
     final = dict(
         map=m["map"], map_tie_aware=m["map_tie_aware"], precision_at_radius_2=m["precision_at_radius_2"],
-        top_k=splits.top_k, bits=cfg.model.bits, step=int(step), dataset=splits.name,
+        top_k=top_k, bits=cfg.model.bits, step=int(step), dataset=splits.name,
         num_query=len(q_codes), num_database=len(db_codes),
+        num_query_skipped=len(q_valid) - len(q_rows), num_database_skipped=len(db_valid) - len(db_rows),
         timings=dict(encode_s=t1 - t0, metrics_s=t2 - t1))
     hist = [h for h in history.get("history", []) if h["step"] != step] + [dict(step=int(step), map=m["map"])]
     best = max(hist, key=lambda h: h["map"])
@@ -95,30 +102,27 @@ class Evaluator:
         "the evaluations during training, selected on the query set as the reference does",
         best=best, history=sorted(hist, key=lambda h: h["step"]))
     logging.info("eval step %d: mAP@%d %.4f (tie-aware %.4f), best %.4f at step %d; encode %.1fs, metrics %.2fs",
-                 step, splits.top_k, m["map"], m["map_tie_aware"], best["map"], best["step"], t1 - t0, t2 - t1)
+                 step, top_k, m["map"], m["map_tie_aware"], best["map"], best["step"], t1 - t0, t2 - t1)
     if writer is not None:
       writer.write(step, {"eval_map": m["map"], "eval_map_tie_aware": m["map_tie_aware"]})
     if jax.process_index() == 0:
-      self._write(workdir, results, m, splits, q_codes, db_codes, q_labels, db_labels)
+      self._write(workdir, results, m, splits, q_codes, db_codes, q_labels, db_labels, q_rows, db_rows)
     return results
 
-  def _write(self, workdir, results, m, splits, q_codes, db_codes, q_labels, db_labels) -> None:
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "pr_curve.json"), "w", encoding="utf-8") as f:
-      json.dump({k: np.asarray(v).tolist() for k, v in m["pr_curve"].items()}, f)
-    with open(os.path.join(out, "precision_at_n.json"), "w", encoding="utf-8") as f:
-      json.dump({k: np.asarray(v).tolist() for k, v in m["precision_at_n"].items()}, f)
-    plots.plot_pr_curve(m["pr_curve"], os.path.join(out, "pr_curve.png"))
-    plots.plot_precision_at_n(m["precision_at_n"], os.path.join(out, "precision_at_n.png"))
+  def _write(self, workdir, results, m, splits, q_codes, db_codes, q_labels, db_labels, q_rows, db_rows) -> None:
+    out = epath.Path(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_json(out / "pr_curve.json", {k: np.asarray(v).tolist() for k, v in m["pr_curve"].items()})
+    files.write_json(out / "precision_at_n.json", {k: np.asarray(v).tolist() for k, v in m["precision_at_n"].items()})
+    plots.plot_pr_curve(m["pr_curve"], out / "pr_curve.png")
+    plots.plot_precision_at_n(m["precision_at_n"], out / "precision_at_n.png")
     queries = np.arange(min(GRID_QUERIES, len(q_codes)))
     top = metrics.top_indices(q_codes[queries], db_codes, GRID_TOP)
     relevant = (q_labels[queries] @ db_labels.T > 0)[np.arange(len(queries))[:, None], top]
-    plots.plot_retrieval_grid(input_pipeline.eval_images(self._config, splits.query, queries),
-                              input_pipeline.eval_images(self._config, splits.database, top.reshape(-1)),
-                              top, relevant, os.path.join(out, "retrieval_grid.png"))
-    with open(_results_path(workdir), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    plots.plot_retrieval_grid(input_pipeline.eval_images(self._config, splits.query, q_rows[queries]),
+                              input_pipeline.eval_images(self._config, splits.database, db_rows[top.reshape(-1)]),
+                              top, relevant, out / "retrieval_grid.png")
+    files.write_json(_results_path(workdir), results, indent=2)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -127,10 +131,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   mesh = sharding.make_mesh(config.mesh)
   model = models.from_config(config.model)
   abstract = models.abstract_params(model)
-  params_sh = sharding.tree_shardings(mesh, abstract)
+  params_sh = sharding.tree_shardings(mesh, abstract, config.mesh.fsdp_min_size)
   abstract = sharding.place(abstract, params_sh)
-  params, _, step = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), abstract, config.to_dict(),
-                                               config.eval_step)
+  params, _, step = checkpoints.restore_params(str(epath.Path(workdir) / "checkpoints"), abstract,
+                                               config.to_dict(), config.eval_step)
   splits = input_pipeline.build_splits(config, workdir)
   evaluator = Evaluator(config, model, mesh, params_sh)
   return evaluator.run(params, splits, step, workdir, load_history(workdir))

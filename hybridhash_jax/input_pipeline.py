@@ -12,12 +12,15 @@ reader threads and worker processes.
 
 import dataclasses
 import math
-import os
 
+from etils import epath
 import grain
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybridhash_jax import errors
+from hybridhash_jax.data import check
 from hybridhash_jax.data import cifar10
 from hybridhash_jax.data import digits
 from hybridhash_jax.data import folder
@@ -45,7 +48,7 @@ class Splits:
 
 def _check(ok: bool, field: str, value, why: str) -> None:
   if not ok:
-    raise ValueError(f"config.data.{field}={value!r}: {why}")
+    raise errors.ConfigError(f"config.data.{field}={value!r}: {why}")
 
 
 def validate(data) -> None:
@@ -71,12 +74,17 @@ def validate(data) -> None:
 
 
 def build_splits(config, workdir: str | None = None) -> Splits:
-  """Checks `config.data`, reads the lists/folders/archives, and splits (saving the split in `workdir`)."""
+  """Checks `config.data`, reads the lists/folders/archives, and splits (saving the split in `workdir`).
+
+  With `data.check_images`, every image file is decoded once here (`data/check.py`).
+  """
   data = config.data
   validate(data)
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   sources = _BUILDERS[data.name](data, workdir)
+  if data.check_images:  # every file decodes, before any work that a bad one could waste
+    check.check_images(sources, data.on_bad_image, workdir, progress=jax.process_index() == 0)
   db = sources["database"]
   return Splits(train=sources["train"], query=sources["query"], database=db,
                 num_classes=sources["train"].num_classes,
@@ -93,7 +101,7 @@ def normalize(images_uint8):
 def steps_per_epoch(config, splits: Splits) -> int:
   steps = len(splits.train) // config.batch_size
   if steps < 1:
-    raise ValueError(f"config.batch_size={config.batch_size} is larger than the {len(splits.train)} training images")
+    raise errors.ConfigError(f"config.batch_size={config.batch_size} is larger than the {len(splits.train)} training images")
   return steps
 
 
@@ -150,7 +158,7 @@ def train_loader(config, splits: Splits, *, seed: int, process_index: int = 0, p
   """
   src = splits.train
   if local_batch_size * process_count > len(src):
-    raise ValueError(f"the global batch {local_batch_size}x{process_count} is larger than the {len(src)} "
+    raise errors.ConfigError(f"the global batch {local_batch_size}x{process_count} is larger than the {len(src)} "
                      "training images (config.batch_size)")
   crop = config.data.name in _CROPPED
   return grain.DataLoader(

@@ -9,6 +9,8 @@ jnp, so a jitted, sharded train step partitions them like any other op.
 import jax
 import jax.numpy as jnp
 
+from hybridhash_jax import errors
+
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 dots even where the default is TF32/bf16.
 
 
@@ -21,7 +23,7 @@ def bank_size(memory_bank_size: int, num_train: int) -> int:
   if memory_bank_size == -1:
     return num_train
   if memory_bank_size < num_train:
-    raise ValueError(
+    raise errors.ConfigError(
         f"loss.memory_bank_size={memory_bank_size} is smaller than the training set "
         f"({num_train} images); use -1 for the training-set size.")
   return memory_bank_size
@@ -50,14 +52,16 @@ def update_bank(U: jax.Array, Y: jax.Array, u: jax.Array, y: jax.Array,
 
 
 def wmle_loss(u: jax.Array, y: jax.Array, U: jax.Array, Y: jax.Array,
-              alpha: float = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
+              alpha: float = 0.5, valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Class-balanced pairwise log-likelihood of the batch (u, y) against the bank (U, Y).
 
   With s = [y_i . Y_j > 0], theta = alpha * u_i . U_j and l = softplus(theta) - s * theta,
   similar pairs weigh S / S1 and dissimilar ones S / S0, and the loss is sum(w * l) / S.
   That equals mean(l | similar) + mean(l | dissimilar), so when a class has no pairs its
   (undefined) weight is irrelevant: it contributes 0, as in the reference, never NaN.
-  Computed in float32 whatever u's dtype; the gradient flows through u only.
+  Computed in float32 whatever u's dtype; the gradient flows through u only. `valid` (bank rows,)
+  is False on rows that form no pair (skipped images); None: every row pairs, including rows never
+  written (the reference's zero rows).
 
   Returns:
     loss, and aux with the pair counts and the mean theta for logging.
@@ -72,12 +76,13 @@ def wmle_loss(u: jax.Array, y: jax.Array, U: jax.Array, Y: jax.Array,
   s = similar.astype(jnp.float32)
   l = jnp.log1p(jnp.exp(-jnp.abs(theta))) + jnp.maximum(theta, 0.0) - s * theta
 
-  n_similar = jnp.sum(s)
-  n_dissimilar = s.size - n_similar
-  n_pairs = jnp.float32(s.size)
+  # Pairs with an invalid row weigh 0 and are not counted (the counts stay exact integers).
+  v = jnp.ones((1, U.shape[0]), jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)[None, :]
+  n_similar, n_dissimilar = jnp.sum(s * v), jnp.sum((1.0 - s) * v)
+  n_pairs = n_similar + n_dissimilar
   w = jnp.where(similar, n_pairs / jnp.maximum(n_similar, 1.0),
                 n_pairs / jnp.maximum(n_dissimilar, 1.0))
-  loss = jnp.sum(w * l) / n_pairs
+  loss = jnp.sum(w * l * v) / n_pairs
   aux = dict(pairs_similar=n_similar, pairs_dissimilar=n_dissimilar,
              theta_mean=jnp.mean(theta))
   return loss, aux

@@ -14,6 +14,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hybridhash_jax import errors
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -54,8 +56,9 @@ def main(argv):
       evaluate.evaluate_checkpoint(config, _WORKDIR.value)
     else:
       train.train_and_evaluate(config, _WORKDIR.value)
-  except FileNotFoundError as e:
-    # A missing dataset or weights file is a setup problem, not a bug: one clear message, no trace.
+  except (errors.ConfigError, errors.DataError, FileNotFoundError) as e:
+    # Bad input (a config field, a data file, a missing dataset or weights file) is not a bug:
+    # one clear message, no trace. Anything else keeps its traceback.
     sys.exit(f"error: {e}")
 
 

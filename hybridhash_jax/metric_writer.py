@@ -1,8 +1,8 @@
 """Metrics to `workdir/metrics.jsonl` and TensorBoard event files, from process 0 only."""
 
 import json
-import os
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -15,8 +15,8 @@ class MetricWriter:
     if not self._active:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
+    self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self._active:

@@ -11,6 +11,9 @@ eps_in_sqrt=False)`; optax's default `eps_in_sqrt=True` would differ.
 import ml_collections
 import optax
 
+from hybridhash_jax import errors
+
+NAMES = ("rmsprop", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
 
 
@@ -21,16 +24,16 @@ def learning_rate_schedule(opt_config: ml_collections.ConfigDict,
   warmup = opt_config.warmup_steps
   if opt_config.schedule == "constant":
     if warmup != 0:
-      raise ValueError(f"optimizer.warmup_steps={warmup} needs optimizer.schedule='warmup_cosine'.")
+      raise errors.ConfigError(f"optimizer.warmup_steps={warmup} needs optimizer.schedule='warmup_cosine'.")
     return optax.constant_schedule(lr)
   if opt_config.schedule == "warmup_cosine":
     if not 0 <= warmup < num_train_steps:
-      raise ValueError(f"optimizer.warmup_steps={warmup} must be in [0, num_train_steps="
+      raise errors.ConfigError(f"optimizer.warmup_steps={warmup} must be in [0, num_train_steps="
                        f"{num_train_steps}).")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=num_train_steps,
         end_value=0.0)
-  raise ValueError(f"optimizer.schedule={opt_config.schedule!r}; expected one of {SCHEDULES}.")
+  raise errors.ConfigError(f"optimizer.schedule={opt_config.schedule!r}; expected one of {SCHEDULES}.")
 
 
 def make_optimizer(opt_config: ml_collections.ConfigDict,
@@ -45,4 +48,4 @@ def make_optimizer(opt_config: ml_collections.ConfigDict,
   if opt_config.name == "adamw":
     # Decoupled decay, scaled by the learning rate as in PyTorch's AdamW.
     return optax.adamw(lr, eps=opt_config.eps, weight_decay=opt_config.weight_decay)
-  raise ValueError(f"optimizer.name={opt_config.name!r}; expected 'rmsprop' or 'adamw'.")
+  raise errors.ConfigError(f"optimizer.name={opt_config.name!r}; expected one of {NAMES}.")

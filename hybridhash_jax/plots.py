@@ -1,10 +1,17 @@
-"""Retrieval figures for `workdir/eval/`: PR curve, precision@N, and a retrieval grid (matplotlib, Agg)."""
+"""Retrieval figures for `workdir/eval/`: PR curve, precision@N, and a retrieval grid (matplotlib, Agg).
+
+Each is rendered in memory and written whole (`files.write_bytes`), to any epath (local or bucket).
+"""
+
+import io
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from hybridhash_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _GREEN, _RED = (0, 170, 0), (220, 0, 0)
 
@@ -16,8 +23,7 @@ def plot_pr_curve(pr: dict, path: str) -> None:
   ax.set(xlabel="recall", ylabel="precision", title="PR by Hamming radius", xlim=(0, 1), ylim=(0, 1.02))
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path, dpi=100)
 
 
 def plot_precision_at_n(pn: dict, path: str) -> None:
@@ -27,8 +33,14 @@ def plot_precision_at_n(pn: dict, path: str) -> None:
   ax.set(xlabel="N", ylabel="precision@N", title="Precision@N", ylim=(0, 1.02))
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path, dpi=100)
+
+
+def _save(fig, path, dpi: int) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
   plt.close(fig)
+  files.write_bytes(path, buf.getvalue())
 
 
 def _framed(image: np.ndarray, color, width: int = 3) -> np.ndarray:
@@ -62,5 +74,4 @@ def plot_retrieval_grid(query_images, db_images, topk_indices, relevance, path: 
   for ax in axes.ravel():
     ax.axis("off")
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save(fig, path, dpi=80)

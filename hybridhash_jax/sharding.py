@@ -11,8 +11,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from hybridhash_jax import errors
+
 BATCH_AXES = ("data", "fsdp")
-FSDP_MIN_SIZE = 2**16  # smaller leaves stay replicated: splitting them costs more than it saves.
 
 
 def make_mesh(mesh_config) -> Mesh:
@@ -21,11 +22,11 @@ def make_mesh(mesh_config) -> Mesh:
   fsdp = int(mesh_config.fsdp)
   data = int(mesh_config.data)
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the {n} devices")
+    raise errors.ConfigError(f"mesh.fsdp={fsdp} must be >= 1 and divide the {n} devices")
   if data == -1:
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices")
+    raise errors.ConfigError(f"mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices")
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
@@ -37,9 +38,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
-  """Splits the largest axis divisible by the fsdp size, for leaves worth splitting."""
-  if fsdp_size == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+  """Splits the largest axis divisible by the fsdp size, for leaves of `min_size` elements or more."""
+  if fsdp_size == 1 or math.prod(shape) < min_size:
     return P()
   for axis in np.argsort(shape)[::-1]:
     if shape[axis] % fsdp_size == 0:
@@ -49,10 +50,13 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
   return P()
 
 
-def tree_shardings(mesh: Mesh, abstract_tree):
-  """Shardings for a params-shaped tree (params, optimiser state): by shape, so both agree."""
+def tree_shardings(mesh: Mesh, abstract_tree, min_size: int):
+  """Shardings for a params-shaped tree (params, optimiser state): by shape, so both agree.
+
+  `min_size` is `config.mesh.fsdp_min_size`.
+  """
   size = mesh.shape["fsdp"]
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, size)), abstract_tree)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, size, min_size)), abstract_tree)
 
 
 def place(abstract_tree, shardings):
@@ -70,5 +74,5 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:
   """The rows this process feeds; the global batch must split evenly over every device."""
   n = mesh.size
   if global_batch_size % n:
-    raise ValueError(f"{field}={global_batch_size} must be divisible by the {n} devices of the mesh")
+    raise errors.ConfigError(f"{field}={global_batch_size} must be divisible by the {n} devices of the mesh")
   return global_batch_size // jax.process_count()

@@ -7,11 +7,11 @@ taking params from `config.init_checkpoint` when given.
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from hybridhash_jax import metric_writer
 from hybridhash_jax import models
 from hybridhash_jax import optim
 from hybridhash_jax import sharding
+from hybridhash_jax.data import check
 
 
 @flax.struct.dataclass
@@ -59,6 +60,7 @@ class Setup:
   abstract_state: TrainState
   steps_per_epoch: int
   total_steps: int
+  bank_valid: np.ndarray  # (bank rows,): False on the rows of skipped training images, which form no pair
 
 
 def num_steps(config, steps_per_epoch: int) -> int:
@@ -76,11 +78,14 @@ def build(config, splits, mesh) -> Setup:
                            num_classes=splits.num_classes)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   rep = sharding.replicated(mesh)
-  params_sh = sharding.tree_shardings(mesh, abstract.params)
-  state_sh = TrainState(step=rep, params=params_sh, opt_state=sharding.tree_shardings(mesh, abstract.opt_state),
-                        bank_u=rep, bank_y=rep, rng=rep)
+  min_size = config.mesh.fsdp_min_size
+  params_sh = sharding.tree_shardings(mesh, abstract.params, min_size)
+  opt_sh = sharding.tree_shardings(mesh, abstract.opt_state, min_size)
+  state_sh = TrainState(step=rep, params=params_sh, opt_state=opt_sh, bank_u=rep, bank_y=rep, rng=rep)
   abstract = sharding.place(abstract, state_sh)
-  return Setup(model, tx, mesh, state_sh, abstract, steps_per_epoch, total)
+  bank_valid = np.ones(rows, bool)  # rows past the training set (the reference's zero rows) still pair
+  bank_valid[:len(splits.train)] = check.valid_rows(splits.train)
+  return Setup(model, tx, mesh, state_sh, abstract, steps_per_epoch, total, bank_valid)
 
 
 def _init_state(rng, *, model, tx, config, bank_rows, num_classes) -> TrainState:
@@ -96,6 +101,7 @@ def make_train_step(setup: Setup, config):
   """The jitted, donated step: bank update, WMLE loss, optimiser update."""
   model, tx = setup.model, setup.tx
   alpha = config.loss.alpha
+  bank_valid = None if setup.bank_valid.all() else setup.bank_valid
 
   def step_fn(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -104,7 +110,7 @@ def make_train_step(setup: Setup, config):
     def loss_fn(params):
       u = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
       bank_u, bank_y = losses.update_bank(state.bank_u, state.bank_y, u, batch["label"], batch["index"])
-      loss, aux = losses.wmle_loss(u, batch["label"], bank_u, bank_y, alpha)
+      loss, aux = losses.wmle_loss(u, batch["label"], bank_u, bank_y, alpha, bank_valid)
       return loss, (bank_u, bank_y, aux)
 
     (loss, (bank_u, bank_y, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -168,8 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   `splits` overrides the datasets of `config.data` (in-memory sources, notebooks).
   """
-  config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  config_lib.validate_training(config)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   local_batch = sharding.local_batch_size(config.batch_size, mesh, "batch_size")
   splits = splits or input_pipeline.build_splits(config, workdir)
@@ -181,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   loader = input_pipeline.train_loader(config, splits, seed=config.seed, process_index=jax.process_index(),
                                        process_count=jax.process_count(), local_batch_size=local_batch)
   data_iter = iter(loader)
-  mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  mngr = checkpoints.manager(str(epath.Path(workdir) / "checkpoints"), config.keep_checkpoints)
   latest = mngr.latest_step()
   if latest is not None:
     params, train = checkpoints.restore_train(mngr, latest, setup.abstract_state.params,
@@ -201,6 +207,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def save(step):
     checkpoints.save_train(mngr, step, state.params, state.train_items(), data_iter, config.to_dict())
 
+  def save_before_raising(error):
+    """Keeps the steps trained since the last checkpoint, unless the loss went non-finite (whose last
+    checkpoint must stay the latest) or the error left the state unusable."""
+    if isinstance(error, NonFiniteLossError) or step in (start_step, mngr.latest_step()):
+      return
+    try:
+      _check_finite(pending)
+      save(step)
+      mngr.wait_until_finished()
+      logging.warning("Saved step %d to %s before stopping on the error below.", step, mngr.directory)
+    except Exception as e:  # pylint: disable=broad-except; the original error is the one to report
+      logging.warning("Could not save step %d before stopping: %s", step, e)
+
+  start_step = step
   try:
     while step < setup.total_steps:
       batch = sharding.global_batch(mesh, next(data_iter))
@@ -226,6 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           save(step)
         if eval_due and step != setup.total_steps:
           results = evaluator.run(state.params, splits, step, workdir, results, writer)
+  except (Exception, KeyboardInterrupt) as e:
+    save_before_raising(e)
+    raise
   finally:
     mngr.wait_until_finished()
   if results.get("step") != step:

@@ -18,11 +18,13 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
+from hybridhash_jax import checkpoints
 from hybridhash_jax import config_args
 from hybridhash_jax import config_lib
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import losses
 from hybridhash_jax import models
+from hybridhash_jax import optim
 from tests import data_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -266,8 +268,12 @@ def _run_main(tmp_path, *flags):
      ("config.data.root='/nonexistent/cifar'", "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar")),
     (("--config=configs/cifar10.py:runlocal,source=tfds", "--config.data.tfds_data_dir={empty}"),
      ("config.data.tfds_data_dir=", "ArrayRecord", "tfds build cifar10 --file_format=array_record")),
+    (("--config=tests/configs/tiny_train.py", "--config.model.token_layout=channels"),
+     ("config.model.token_layout='channels' is not one of ('reference', 'spatial')",)),
+    (("--config=tests/configs/tiny_train.py", "--config.model.param_dtype=bfloat16"),
+     ("config.model.param_dtype='bfloat16' cannot train", "no float32 master copy")),
 ])
-def test_missing_dataset_exits_with_one_message(tmp_path, flags, message):
+def test_missing_dataset_or_bad_field_exits_with_one_message(tmp_path, flags, message):
   (tmp_path / "empty").mkdir()
   proc = _run_main(tmp_path, *(f.format(empty=tmp_path / "empty") for f in flags))
   assert proc.returncode != 0
@@ -275,3 +281,49 @@ def test_missing_dataset_exits_with_one_message(tmp_path, flags, message):
   assert proc.stderr.count("\nerror: ") == 1, proc.stderr[-3000:]
   error = proc.stderr[proc.stderr.index("\nerror: "):]  # the last thing main prints: sys.exit's message
   assert all(m in error for m in message), error
+
+
+def test_model_fields_have_one_source():
+  """The model's fields are the schema's, split once into checkpoint-checked and free ones."""
+  arch, runtime = set(models.ARCHITECTURE_FIELDS), set(models.hybridhash.RUNTIME_FIELDS)
+  assert not arch & runtime and arch | runtime == set(models.CONFIG_FIELDS)  # a new field must be put in one
+  assert set(config_lib.base_config().model) == set(models.CONFIG_FIELDS)
+  assert checkpoints.MODEL_FIELDS == tuple(f"model.{f}" for f in models.ARCHITECTURE_FIELDS)
+  args = config_args.common_args()
+  assert args["token_layout"].choices == models.TOKEN_LAYOUTS and args["optimizer"].choices == optim.NAMES
+  assert set(args["dtype"].choices) == {"auto", *models.DTYPES}
+  assert config_lib.PAPER_MODEL == {k: getattr(models.HybridHash(), k) for k in config_lib.PAPER_MODEL}
+
+
+def test_checkpoint_check_refuses_each_architecture_field_only():
+  config = config_lib.base_config().to_dict()
+  other = {"img_size": 112, "patch_size": 2, "embed_dims": (64, 128, 256), "num_heads": (2, 4, 8),
+           "depths": (2, 2, 3), "bits": 32, "mlp_ratio": 2.0, "interaction": False, "hash_global": False,
+           "token_layout": "spatial", "drop_path_rate": 0.1, "dtype": "bfloat16", "param_dtype": "bfloat16"}
+  assert set(other) == set(models.CONFIG_FIELDS)
+  for field, value in other.items():
+    changed = {**config, "model": {**config["model"], field: value}}
+    if field in models.ARCHITECTURE_FIELDS:
+      with pytest.raises(ValueError, match=rf"model\.{field}: checkpoint has"):
+        checkpoints.check_compatible(config, changed, "ckpt")
+    else:
+      checkpoints.check_compatible(config, changed, "ckpt")  # precision and training-only fields may differ
+
+
+@pytest.mark.parametrize("field,value", [("model.dtype", "float16"), ("model.param_dtype", "int8"),
+                                         ("model.token_layout", "channels"), ("optimizer.name", "sgd"),
+                                         ("optimizer.schedule", "linear")])
+def test_config_choices_come_from_their_modules(field, value):
+  c = config_lib.base_config()
+  section, leaf = field.split(".")
+  c[section][leaf] = value
+  with pytest.raises(ValueError, match=rf"config\.{field}={value!r} is not one of"):
+    config_lib.validate(c)
+
+
+def test_bfloat16_params_are_refused_for_training_only():
+  c = config_lib.base_config()
+  c.model.param_dtype = "bfloat16"
+  config_lib.validate(c)  # evaluation and export may use them
+  with pytest.raises(ValueError, match=r"config\.model\.param_dtype='bfloat16' cannot train"):
+    config_lib.validate_training(c)

@@ -47,10 +47,11 @@ def test_encode_covers_every_example_in_source_order(tmp_path):
   mesh = sharding.make_mesh(config.mesh)
   setup = train.build(config, splits, mesh)
   params = train.initial_state(setup, config).params
-  codes, labels = evaluate.Evaluator(config, setup.model, mesh, setup.state_shardings.params).encode(
+  codes, labels, valid = evaluate.Evaluator(config, setup.model, mesh, setup.state_shardings.params).encode(
       params, splits.query)
   images = input_pipeline.eval_images(config, splits.query, np.arange(len(splits.query)))
   expected = models.from_config(config.model).apply({"params": params}, input_pipeline.normalize(images))
   np.testing.assert_allclose(codes, expected, atol=1e-5)
   want_labels = np.stack([np.asarray(splits.query[i]["label"]) for i in range(len(splits.query))])
   np.testing.assert_array_equal(labels, want_labels)
+  assert valid.all()

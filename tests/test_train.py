@@ -89,18 +89,35 @@ def test_one_step_on_four_devices_equals_one_device(tmp_path):
 
 
 def test_fsdp_sharding_matches_replicated(tmp_path):
-  config = tiny_config()
+  """With a threshold the tiny model's larger leaves pass, FSDP really splits params and optimiser state,
+  and a few steps give the losses and params of the replicated run."""
+  config = tiny_config(**{"mesh.fsdp_min_size": 256})
   splits = input_pipeline.build_splits(config, str(tmp_path))
-  mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=jax.devices()[:4])
-  spec = sharding.fsdp_spec((64, 2048), 2)
-  assert spec == jax.sharding.PartitionSpec(None, "fsdp")
-  setup = train.build(config, splits, mesh)
-  state = train.initial_state(setup, config)
-  step = train.make_train_step(setup, config)
-  batch = next(iter(input_pipeline.train_loader(config, splits, seed=0, local_batch_size=8, worker_count=0)))
-  state, m = step(state, sharding.global_batch(mesh, batch))
-  assert np.isfinite(float(m["loss"]))
+  loader = input_pipeline.train_loader(config, splits, seed=0, local_batch_size=8, worker_count=0)
+  batches = [b for b, _ in zip(loader, range(3))]
+  results = []
+  for shape in ((4, 1), (2, 2)):
+    mesh = jax.make_mesh(shape, ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=jax.devices()[:4])
+    setup = train.build(config, splits, mesh)
+    state = train.initial_state(setup, config)
+    split = [x for x in jax.tree.leaves((state.params, state.opt_state))
+             if x.addressable_shards[0].data.shape != x.shape]
+    if shape[1] > 1:  # some params and their RMSprop accumulators are split in two over the fsdp axis
+      assert len(split) >= 8 and all("fsdp" in x.sharding.spec for x in split)
+      assert sum(x.size for x in split) > 0.5 * sum(x.size for x in jax.tree.leaves(state.params)) * 2
+    else:
+      assert not split
+    step = train.make_train_step(setup, config)
+    got = []
+    for batch in batches:
+      state, m = step(state, sharding.global_batch(mesh, batch))
+      got.append(float(m["loss"]))
+    results.append((got, jax.device_get(state.params)))
+  (loss_rep, p_rep), (loss_fsdp, p_fsdp) = results
+  np.testing.assert_allclose(loss_rep, loss_fsdp, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(p_rep), jax.tree.leaves(p_fsdp)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def _free_port():

@@ -24,6 +24,7 @@ import tarfile
 
 import numpy as np
 
+from hybridhash_jax import errors
 from hybridhash_jax.data import sources
 from hybridhash_jax.data import splits
 
@@ -62,15 +63,15 @@ def _parse_py(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     d = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     flat, labels = np.asarray(d[b"data"], np.uint8), np.asarray(d[b"labels"], np.int64)
   except Exception as e:  # pylint: disable=broad-except; any failure means "not a CIFAR-10 batch"
-    raise ValueError(f"{where}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
+    raise errors.DataError(f"{where}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
   if flat.ndim != 2 or flat.shape[1] != _RECORD - 1 or len(labels) != len(flat):
-    raise ValueError(f"{where}: expected data (N, 3072) and N labels, got {flat.shape} and {len(labels)}")
+    raise errors.DataError(f"{where}: expected data (N, 3072) and N labels, got {flat.shape} and {len(labels)}")
   return _chw_to_hwc(flat), labels
 
 
 def _parse_bin(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
   if len(data) % _RECORD:
-    raise ValueError(f"{where}: {len(data)} bytes is not a whole number of {_RECORD}-byte records")
+    raise errors.DataError(f"{where}: {len(data)} bytes is not a whole number of {_RECORD}-byte records")
   rec = np.frombuffer(data, np.uint8).reshape(-1, _RECORD)
   return _chw_to_hwc(rec[:, 1:]), rec[:, 0].astype(np.int64)
 
@@ -106,7 +107,7 @@ def load_archive(root: str) -> tuple[np.ndarray, np.ndarray]:
   images, labels = zip(*(parse(b, n) for b, n in zip(blobs, names)))
   images, labels = np.concatenate(images), np.concatenate(labels)
   if len(images) != NUM_TRAIN + NUM_TEST or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-    raise ValueError(f"{root}: expected {NUM_TRAIN + NUM_TEST} images with labels 0..9, got {len(images)} "
+    raise errors.DataError(f"{root}: expected {NUM_TRAIN + NUM_TEST} images with labels 0..9, got {len(images)} "
                      f"with labels {labels.min()}..{labels.max()}")
   return images, labels
 
@@ -162,7 +163,7 @@ def build(data, workdir: str | None) -> dict:
   else:
     parts = open_tfds(data.tfds_data_dir)
     if sum(len(p) for p in parts) != NUM_TRAIN + NUM_TEST:
-      raise ValueError(f"config.data.tfds_data_dir={data.tfds_data_dir!r}: cifar10 has "
+      raise errors.DataError(f"config.data.tfds_data_dir={data.tfds_data_dir!r}: cifar10 has "
                        f"{[len(p) for p in parts]} train/test examples, expected {[NUM_TRAIN, NUM_TEST]}")
     classes = None
 

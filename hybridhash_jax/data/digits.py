@@ -6,6 +6,7 @@ them (bilinearly, like CIFAR-10) to the model's size. Split per class like image
 
 import numpy as np
 
+from hybridhash_jax import errors
 from hybridhash_jax.data import sources
 from hybridhash_jax.data import splits
 
@@ -23,7 +24,7 @@ def load() -> tuple[np.ndarray, np.ndarray]:
 def build(data, workdir: str | None) -> dict:
   """{'query', 'train', 'database'} sources for `config.data`."""
   if data.num_classes not in (-1, NUM_CLASSES):
-    raise ValueError(f"config.data.num_classes={data.num_classes}: digits has {NUM_CLASSES} classes")
+    raise errors.DataError(f"config.data.num_classes={data.num_classes}: digits has {NUM_CLASSES} classes")
   images, ids = load()
   meta = {"data.name": "digits", "data.split_seed": data.split_seed, "data.query_per_class": data.query_per_class,
           "data.train_per_class": data.train_per_class, "num_examples": len(ids)}

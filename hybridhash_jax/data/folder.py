@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from hybridhash_jax import errors
 from hybridhash_jax.data import images
 from hybridhash_jax.data import sources
 from hybridhash_jax.data import splits
@@ -21,13 +22,13 @@ def scan(root: str) -> tuple[list[str], list[str], np.ndarray]:
     raise FileNotFoundError(f"config.data.root={root!r}: not a folder")
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
   if not classes:
-    raise ValueError(f"config.data.root={root!r}: no class sub-folders")
+    raise errors.DataError(f"config.data.root={root!r}: no class sub-folders")
   files, ids = [], []
   for c, name in enumerate(classes):
     found = sorted(e.name for e in os.scandir(os.path.join(root, name))
                    if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(images.EXTENSIONS))
     if not found:
-      raise ValueError(f"{os.path.join(root, name)}: class folder with no images ({', '.join(images.EXTENSIONS)})")
+      raise errors.DataError(f"{os.path.join(root, name)}: class folder with no images ({', '.join(images.EXTENSIONS)})")
     files += [f"{name}/{f}" for f in found]
     ids += [c] * len(found)
   return classes, files, np.asarray(ids, np.int64)
@@ -37,7 +38,7 @@ def build(data, workdir: str | None) -> dict:
   """{'query', 'train', 'database'} sources for `config.data`."""
   classes, files, ids = scan(data.root)
   if data.num_classes not in (-1, len(classes)):
-    raise ValueError(f"config.data.num_classes={data.num_classes} but {data.root} has {len(classes)} class "
+    raise errors.DataError(f"config.data.num_classes={data.num_classes} but {data.root} has {len(classes)} class "
                      "folders; set it to -1 (count the folders) or to their number")
   meta = {"data.name": "folder", "data.split_seed": data.split_seed, "data.query_per_class": data.query_per_class,
           "data.train_per_class": data.train_per_class, "classes": classes}

@@ -5,17 +5,19 @@ bomb) into a `BadImageError` that names the file, so that no bad file becomes a 
 garbage training example. PIL's decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`) is left as is.
 """
 
-import os
-
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
+
+from hybridhash_jax import errors
+from hybridhash_jax import files
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SKIP_LOG = "skipped_images.txt"
 
 
-class BadImageError(ValueError):
+class BadImageError(errors.DataError):
   """An image file that cannot become an RGB array; the message starts with its path."""
 
 
@@ -39,26 +41,33 @@ def decode(path: str) -> np.ndarray:
     raise BadImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
+def _skip_line(path: str, reason: str) -> str:
+  return f"{path}\t{reason}".replace("\n", " ") + "\n"
+
+
 def log_skipped(workdir: str | None, path: str, reason: str) -> None:
-  """Logs a skipped file and appends it to `workdir/skipped_images.txt` (O_APPEND: whole lines from any process)."""
+  """Logs a skipped file met while reading and appends it to `workdir/skipped_images.txt`.
+
+  One short write per line in append mode, so lines from several processes stay whole.
+  """
   logging.warning("Skipping %s", reason)
-  if not workdir:
-    return
-  line = f"{path}\t{reason}".replace("\n", " ") + "\n"
-  fd = os.open(os.path.join(workdir, SKIP_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-  try:
-    os.write(fd, line.encode("utf-8"))
-  finally:
-    os.close(fd)
+  if workdir:
+    with (epath.Path(workdir) / SKIP_LOG).open("a") as f:
+      f.write(_skip_line(path, reason))
+
+
+def write_skipped(workdir: str | None, skipped: dict[str, str]) -> None:
+  """Writes `workdir/skipped_images.txt` whole: the files the check before training found bad, with why."""
+  if workdir:
+    files.write_text(epath.Path(workdir) / SKIP_LOG, "".join(_skip_line(p, r) for p, r in skipped.items()))
 
 
 def skipped_files(workdir: str) -> list[str]:
   """The distinct files skipped so far (a file met by several workers or epochs is logged more than once)."""
-  path = os.path.join(workdir, SKIP_LOG)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / SKIP_LOG
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return list(dict.fromkeys(line.split("\t", 1)[0] for line in f if line.strip()))
+  return list(dict.fromkeys(line.split("\t", 1)[0] for line in path.read_text().splitlines() if line.strip()))
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

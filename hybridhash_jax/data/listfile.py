@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from hybridhash_jax import errors
 from hybridhash_jax.data import sources
 
 # The spec's table (section 7); `database=None` is "the rest" of each set's official lists.
@@ -33,19 +34,19 @@ def parse(path: str, num_classes: int) -> tuple[list[str], np.ndarray, list[int]
       if not fields:
         continue
       if len(fields) - 1 != num_classes:
-        raise ValueError(f"{path}:{n}: {len(fields) - 1} label values, expected config.data.num_classes="
+        raise errors.DataError(f"{path}:{n}: {len(fields) - 1} label values, expected config.data.num_classes="
                          f"{num_classes}")
       try:
         values = [float(v) for v in fields[1:]]
       except ValueError as e:
-        raise ValueError(f"{path}:{n}: non-numeric label value ({e})") from e
+        raise errors.DataError(f"{path}:{n}: non-numeric label value ({e})") from e
       if any(v not in (0.0, 1.0) for v in values):
-        raise ValueError(f"{path}:{n}: label values must be 0 or 1 (a multi-hot vector), got {fields[1:]}")
+        raise errors.DataError(f"{path}:{n}: label values must be 0 or 1 (a multi-hot vector), got {fields[1:]}")
       files.append(fields[0])
       labels.append(values)
       lines.append(n)
   if not files:
-    raise ValueError(f"{path}: empty list file")
+    raise errors.DataError(f"{path}: empty list file")
   return files, np.asarray(labels, np.uint8), lines
 
 

@@ -43,7 +43,8 @@ class FileSource:
 
   A file that cannot be decoded raises `BadImageError` naming it; with on_bad_image="skip" it is
   logged to `workdir/skipped_images.txt` instead and its record carries image=None, which the
-  training pipeline filters out and evaluation masks.
+  training pipeline filters out and evaluation masks. `valid` is False on the rows the check before
+  training found bad (`data/check.py`): they give image=None without being read again.
   """
 
   def __init__(self, name: str, root: str, files: list[str], labels: np.ndarray,
@@ -52,6 +53,7 @@ class FileSource:
       raise ValueError(f"{name}: {len(files)} files but {len(labels)} labels")
     self.name, self.root, self.files, self.labels = name, root, list(files), labels
     self.on_bad_image, self.workdir = on_bad_image, workdir
+    self.valid = np.ones(len(self.files), bool)
 
   def __len__(self) -> int:
     return len(self.files)
@@ -61,6 +63,8 @@ class FileSource:
 
   def __getitem__(self, i: int) -> dict:
     path = self.path(i)
+    if not self.valid[i]:
+      return _record(None, self.labels[i], i)
     try:
       image = images_lib.decode(path)
     except images_lib.BadImageError as e:

@@ -5,11 +5,13 @@ even if the seeded draw or the files on disk change later. The seed drives
 `numpy.random.default_rng`, so a seed gives the same split on any machine.
 """
 
-import json
-import os
 from typing import Callable
 
+from etils import epath
 import numpy as np
+
+from hybridhash_jax import errors
+from hybridhash_jax import files
 
 SPLITS_FILE = "splits.json"
 SPLIT_NAMES = ("query", "train", "database")
@@ -30,7 +32,7 @@ def per_class(classes: np.ndarray, query_per_class: int, train_per_class: int, s
     rows = np.flatnonzero(classes == c)
     if len(rows) < need:
       name = class_names[c] if class_names is not None else c
-      raise ValueError(
+      raise errors.DataError(
           f"{where}: class {name!r} has {len(rows)} images, fewer than the {need} the split needs "
           f"(config.data.query_per_class={query_per_class}, config.data.train_per_class={train_per_class}"
           f"{', and one for the database' if database == 'rest' else ''})")
@@ -50,20 +52,17 @@ def load_or_make(workdir: str | None, meta: dict, make: Callable[[], dict]) -> d
   """
   if not workdir:
     return make()
-  path = os.path.join(workdir, SPLITS_FILE)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+  path = epath.Path(workdir) / SPLITS_FILE
+  if path.exists():
+    saved = files.read_json(path)
     diffs = [f"{k}: {path} has {saved['meta'].get(k)!r}, config has {v!r}"
              for k, v in meta.items() if saved["meta"].get(k) != v]
     if diffs:
-      raise ValueError(f"the saved split {path} was made for other data; use a fresh workdir or delete it:\n  "
+      raise errors.DataError(f"the saved split {path} was made for other data; use a fresh workdir or delete it:\n  "
                        + "\n  ".join(diffs))
     return {k: np.asarray(saved[k]) for k in SPLIT_NAMES}
   splits = make()
-  os.makedirs(workdir, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"meta": meta, **{k: np.asarray(splits[k]).tolist() for k in SPLIT_NAMES}}, f)
-  os.replace(tmp, path)  # atomic: hosts sharing the workdir write the same bytes
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Whole or not at all; hosts sharing the workdir write the same bytes.
+  files.write_json(path, {"meta": meta, **{k: np.asarray(splits[k]).tolist() for k in SPLIT_NAMES}})
   return splits

@@ -7,6 +7,7 @@ Module names mirror the reference's PyTorch names (`levels_1/pool/conv_glo` is
 """
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -14,13 +15,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybridhash_jax import errors
 from hybridhash_jax.models.nest_blocks import (
     TransformerLayer, blockify, deblockify, dense, layer_norm, multi_head_attention, weight_init)
 
 GLOBAL_HEADS = 8  # the reference's global attention always uses 8 heads
 TOKEN_LAYOUTS = ("reference", "spatial")
-CONFIG_FIELDS = ("img_size", "patch_size", "embed_dims", "num_heads", "depths", "bits", "mlp_ratio",
-                 "drop_path_rate", "token_layout", "interaction", "hash_global", "dtype", "param_dtype")
+DTYPES = ("float32", "bfloat16")
+CHOICES = {"token_layout": TOKEN_LAYOUTS, "dtype": DTYPES, "param_dtype": DTYPES}  # config_lib checks these
+# The fields that fix the parameters and the outputs, which a checkpoint must match (checkpoints.py),
+# and those free to differ between runs of one model (training-only or numerical settings).
+# Together they are the model's config fields (`CONFIG_FIELDS`, below the class; a test checks).
+ARCHITECTURE_FIELDS = ("img_size", "patch_size", "embed_dims", "num_heads", "depths", "bits", "mlp_ratio",
+                       "interaction", "hash_global", "token_layout")
+RUNTIME_FIELDS = ("drop_path_rate", "dtype", "param_dtype")
 
 
 def _conv(features, kernel, padding, name, dtype, param_dtype, use_bias=True, strides=1):
@@ -225,38 +233,42 @@ class HybridHash(nn.Module):
     return codes
 
 
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(HybridHash) if f.name not in ("parent", "name"))
+
+
 def _validate(m: HybridHash) -> None:
   """Raises ValueError naming the field, before anything is traced."""
   n = len(m.depths)
   if n < 1 or len(m.embed_dims) != n or len(m.num_heads) != n:
-    raise ValueError(f"embed_dims {tuple(m.embed_dims)}, num_heads {tuple(m.num_heads)} and depths "
+    raise errors.ConfigError(f"embed_dims {tuple(m.embed_dims)}, num_heads {tuple(m.num_heads)} and depths "
                      f"{tuple(m.depths)} must have the same, non-zero length")
   if m.patch_size < 1 or m.img_size % m.patch_size:
-    raise ValueError(f"img_size {m.img_size} must be a multiple of patch_size {m.patch_size}")
+    raise errors.ConfigError(f"img_size {m.img_size} must be a multiple of patch_size {m.patch_size}")
   grid, div = m.img_size // m.patch_size, 2 ** (n - 1)
   if grid < div or grid % div:
-    raise ValueError(f"img_size / patch_size = {grid} must be a positive multiple of {div} "
+    raise errors.ConfigError(f"img_size / patch_size = {grid} must be a positive multiple of {div} "
                      f"(2**(len(depths)-1)), so every level has whole blocks")
   for i, (dim, heads) in enumerate(zip(m.embed_dims, m.num_heads)):
     if heads < 1 or dim % heads:
-      raise ValueError(f"embed_dims[{i}] = {dim} must be divisible by num_heads[{i}] = {heads}")
+      raise errors.ConfigError(f"embed_dims[{i}] = {dim} must be divisible by num_heads[{i}] = {heads}")
   global_dims = {i: m.embed_dims[i] for i in range(1, n) if m.interaction}
   if m.hash_global:
     global_dims[n - 1] = m.embed_dims[-1]
   for i, dim in global_dims.items():
     if dim % GLOBAL_HEADS:
-      raise ValueError(f"embed_dims[{i}] = {dim} feeds a global attention with {GLOBAL_HEADS} heads, "
+      raise errors.ConfigError(f"embed_dims[{i}] = {dim} feeds a global attention with {GLOBAL_HEADS} heads, "
                        f"so it must be divisible by {GLOBAL_HEADS}")
   if any(d < 1 for d in m.depths):
-    raise ValueError(f"depths {tuple(m.depths)} must all be >= 1")
+    raise errors.ConfigError(f"depths {tuple(m.depths)} must all be >= 1")
   if m.bits < 1:
-    raise ValueError(f"bits = {m.bits} must be >= 1")
-  if m.token_layout not in TOKEN_LAYOUTS:
-    raise ValueError(f"token_layout = {m.token_layout!r} must be one of {TOKEN_LAYOUTS}")
+    raise errors.ConfigError(f"bits = {m.bits} must be >= 1")
+  for field, choices in CHOICES.items():
+    if getattr(m, field) not in choices:
+      raise errors.ConfigError(f"{field} = {getattr(m, field)!r} must be one of {choices}")
   if not 0.0 <= m.drop_path_rate < 1.0:
-    raise ValueError(f"drop_path_rate = {m.drop_path_rate} must be in [0, 1)")
+    raise errors.ConfigError(f"drop_path_rate = {m.drop_path_rate} must be in [0, 1)")
   if m.mlp_ratio <= 0:
-    raise ValueError(f"mlp_ratio = {m.mlp_ratio} must be > 0")
+    raise errors.ConfigError(f"mlp_ratio = {m.mlp_ratio} must be > 0")
 
 
 def from_config(model_cfg: Mapping[str, Any]) -> HybridHash:
@@ -264,7 +276,7 @@ def from_config(model_cfg: Mapping[str, Any]) -> HybridHash:
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   unknown = sorted(set(cfg) - set(CONFIG_FIELDS))
   if unknown:
-    raise ValueError(f"unknown model config fields {unknown}; known: {CONFIG_FIELDS}")
+    raise errors.ConfigError(f"unknown model config fields {unknown}; known: {CONFIG_FIELDS}")
   for k in ("embed_dims", "num_heads", "depths"):
     if k in cfg:
       cfg[k] = tuple(cfg[k])
