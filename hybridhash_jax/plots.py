@@ -13,7 +13,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hybridhash_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_GREEN, _RED = (0, 170, 0), (220, 0, 0)
+_GREEN, _RED, _WHITE = (0, 170, 0), (220, 0, 0), (255, 255, 255)
 
 
 def plot_pr_curve(pr: dict, path: str) -> None:
@@ -43,14 +43,19 @@ def _save(fig, path, dpi: int) -> None:
   files.write_bytes(path, buf.getvalue())
 
 
-def _framed(image: np.ndarray, color, width: int = 3) -> np.ndarray:
-  out = np.array(image, np.uint8, copy=True)
-  out[:width], out[-width:], out[:, :width], out[:, -width:] = color, color, color, color
+def _framed(image: np.ndarray, color) -> np.ndarray:
+  """The whole image inside a frame of `color` (added around it, 1/16 of its side, at least 1 px)."""
+  width = max(1, round(image.shape[0] / 16))
+  out = np.empty((image.shape[0] + 2 * width, image.shape[1] + 2 * width, 3), np.uint8)
+  out[...] = color
+  out[width:-width, width:-width] = image
   return out
 
 
 def plot_retrieval_grid(query_images, db_images, topk_indices, relevance, path: str) -> None:
-  """One row per query: the query, then its retrieved items framed green (relevant) or red.
+  """One row per query: the query (framed white), then its retrieved items framed green (relevant) or red.
+
+  Every cell is the same size and shows its whole image at the same scale.
 
   Images are uint8 NHWC. `db_images` is either the whole database (indexed by `topk_indices`) or
   exactly the retrieved images in `topk_indices.reshape(-1)` order.
@@ -67,7 +72,7 @@ def plot_retrieval_grid(query_images, db_images, topk_indices, relevance, path: 
   rows, cols = topk.shape[0], topk.shape[1] + 1
   fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows), squeeze=False)
   for i in range(rows):
-    axes[i, 0].imshow(query_images[i])
+    axes[i, 0].imshow(_framed(query_images[i], _WHITE))
     axes[i, 0].set_title("query", fontsize=7)
     for j in range(topk.shape[1]):
       axes[i, j + 1].imshow(_framed(retrieved[i, j], _GREEN if relevance[i, j] else _RED))

@@ -1,6 +1,10 @@
 """List files, image folders and digits: labels, decoding, transforms, and every bad input named."""
 
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ from PIL import Image
 
 from hybridhash_jax import config_lib
 from hybridhash_jax import input_pipeline
+from hybridhash_jax.data import check
 from hybridhash_jax.data import images
 from tests import data_fixtures
 
@@ -176,14 +181,15 @@ def test_bad_image_errors_at_first_read_in_a_worker(listset):
   root, rows = listset
   with open(os.path.join(root, rows["train"][2][0]), "wb") as f:
     f.write(b"corrupt")
-  c = _config("listfile", root, root)
+  c = _config("listfile", root, root, check_images=False)  # no check before training: found when read
   splits = input_pipeline.build_splits(c)
   it = iter(input_pipeline.train_loader(c, splits, seed=0, local_batch_size=6, worker_count=1))
   with pytest.raises(Exception, match=r"train_2.png: cannot decode image"):
     next(it)
 
 
-def test_skip_mode_drops_logs_and_masks(listset, tmp_path):
+@pytest.mark.parametrize("check_images", [True, False])
+def test_skip_mode_drops_logs_and_masks(listset, tmp_path, check_images):
   root, rows = listset
   bad = [rows["train"][1][0], rows["train"][4][0], rows["database"][5][0]]
   for rel in bad[:2]:
@@ -191,7 +197,7 @@ def test_skip_mode_drops_logs_and_masks(listset, tmp_path):
       f.write(b"corrupt")
   os.remove(os.path.join(root, bad[2]))
   workdir = str(tmp_path / "w")
-  c = _config("listfile", root, root, on_bad_image="skip")
+  c = _config("listfile", root, root, on_bad_image="skip", check_images=check_images)
   splits = input_pipeline.build_splits(c, workdir)
   it = iter(input_pipeline.train_loader(c, splits, seed=0, local_batch_size=4))
   seen = np.concatenate([next(it)["index"] for _ in range(4)])  # 16 images = 4 epochs of the 4 good ones
@@ -200,3 +206,69 @@ def test_skip_mode_drops_logs_and_masks(listset, tmp_path):
            for i, m in zip(b["index"], b["mask"])}
   assert masks == {i: i not in (5, 7) for i in range(8)}  # row 5 skipped, row 7 padding
   assert sorted(images.skipped_files(workdir)) == sorted(os.path.join(root, r) for r in bad)
+
+
+def _corrupt(root, rel):
+  with open(os.path.join(root, rel), "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n truncated")
+
+
+def test_check_names_a_bad_database_image_before_training(listset):
+  root, rows = listset
+  _corrupt(root, rows["database"][5][0])
+  _corrupt(root, rows["query"][0][0])
+  with pytest.raises(images.BadImageError) as e:
+    input_pipeline.build_splits(_config("listfile", root, root))
+  assert str(e.value).startswith(os.path.join(root, rows["query"][0][0]) + ": cannot decode image")
+  assert "1 more bad images" in str(e.value) and "config.data.on_bad_image=skip" in str(e.value)
+  input_pipeline.build_splits(_config("listfile", root, root, check_images=False))  # the switch turns it off
+
+
+def test_check_decodes_in_parallel_with_a_progress_bar(listset, monkeypatch, capsys):
+  root, rows = listset
+  threads, real = set(), images.decode
+
+  def slow_decode(path):
+    threads.add(threading.get_ident())
+    time.sleep(0.02)
+    return real(path)
+
+  monkeypatch.setattr(images, "decode", slow_decode)
+  splits = input_pipeline.build_splits(_config("listfile", root, root))
+  assert len(threads) > 1
+  err = capsys.readouterr().err
+  assert "checking images" in err and "16/16" in err  # train 6, query 3, database 7 files
+  assert check.valid_rows(splits.database).all()
+
+
+def test_check_skips_bad_images_up_front(listset, tmp_path, monkeypatch):
+  root, rows = listset
+  bad = os.path.join(root, rows["database"][2][0])
+  _corrupt(root, rows["database"][2][0])
+  workdir = str(tmp_path / "w")
+  splits = input_pipeline.build_splits(_config("listfile", root, root, on_bad_image="skip"), workdir)
+  np.testing.assert_array_equal(check.valid_rows(splits.database), np.arange(7) != 2)
+  assert check.valid_rows(splits.train).all() and images.skipped_files(workdir) == [bad]
+  decoded = []
+  monkeypatch.setattr(images, "decode", lambda p: decoded.append(p))
+  assert splits.database[2]["image"] is None and decoded == []  # marked bad: never read again
+  splits.database[3]
+  assert decoded == [os.path.join(root, rows["database"][3][0])]
+
+
+def test_bad_image_ends_main_with_one_error_line_before_training(tmp_path):
+  root = str(tmp_path / "images")
+  data_fixtures.write_folder(root, {"a": 4, "b": 4})
+  _corrupt(root, "b/003.png")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "hybridhash_jax.main", "--config=tests/configs/tiny_train.py",
+       f"--workdir={tmp_path / 'w'}", "--config.data.name=folder", f"--config.data.root={root}",
+       "--config.data.num_classes=-1", "--config.data.query_per_class=1", "--config.data.train_per_class=2",
+       "--config.batch_size=4"],
+      cwd=repo, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  error = proc.stderr[proc.stderr.index("\nerror: "):].strip()
+  assert error.startswith(f"error: {root}/b/003.png: cannot decode image"), error
+  assert not (tmp_path / "w" / "checkpoints").exists()  # stopped before the first step

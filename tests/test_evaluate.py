@@ -2,16 +2,19 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from hybridhash_jax import evaluate
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import models
 from hybridhash_jax import sharding
 from hybridhash_jax import train
+from tests import data_fixtures
 from tests.test_train import REPO, TINY, tiny_config
 
 ARTEFACTS = ("results.json", "pr_curve.json", "pr_curve.png", "precision_at_n.json", "precision_at_n.png",
@@ -55,3 +58,41 @@ def test_encode_covers_every_example_in_source_order(tmp_path):
   want_labels = np.stack([np.asarray(splits.query[i]["label"]) for i in range(len(splits.query))])
   np.testing.assert_array_equal(labels, want_labels)
   assert valid.all()
+
+
+def _listfile_config(root, **data):
+  config = tiny_config(**{"data.name": "listfile", "data.num_classes": 5, "data.list_dir": root, "data.root": root,
+                          "data.top_k": -1, **{f"data.{k}": v for k, v in data.items()}})
+  return config
+
+
+def _evaluate(config, workdir):
+  splits = input_pipeline.build_splits(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  setup = train.build(config, splits, mesh)
+  params = train.initial_state(setup, config).params
+  return evaluate.Evaluator(config, setup.model, mesh, setup.state_shardings.params).run(
+      params, splits, 0, workdir, {})
+
+
+def test_skipped_images_leave_the_ranking(tmp_path):
+  """A database (and query set) with a corrupt image gives exactly the mAP of the same sets without it."""
+  sizes = {"train": 8, "query": 6, "database": 24}
+  full, clean = str(tmp_path / "full"), str(tmp_path / "clean")
+  rows = data_fixtures.write_listfile(full, sizes, num_classes=5)
+  data_fixtures.write_listfile(clean, sizes, num_classes=5)
+  bad = {"query": 1, "database": 3}
+  for split, i in bad.items():
+    with open(os.path.join(full, rows[split][i][0]), "wb") as f:
+      f.write(b"not an image")
+    name = "test.txt" if split == "query" else "database.txt"
+    lines = pathlib.Path(clean, name).read_text().splitlines(keepends=True)
+    pathlib.Path(clean, name).write_text("".join(lines[:i] + lines[i + 1:]))
+  with_bad = _evaluate(_listfile_config(full, on_bad_image="skip"), str(tmp_path / "a"))
+  without = _evaluate(_listfile_config(clean), str(tmp_path / "b"))
+  assert (with_bad["num_query"], with_bad["num_database"]) == (without["num_query"], without["num_database"]) == (5, 23)
+  assert (with_bad["num_query_skipped"], with_bad["num_database_skipped"]) == (1, 1)
+  assert (without["num_query_skipped"], without["num_database_skipped"]) == (0, 0)
+  assert with_bad["top_k"] == without["top_k"] == 23
+  for key in ("map", "map_tie_aware", "precision_at_radius_2"):
+    assert with_bad[key] == without[key], key

@@ -169,3 +169,19 @@ def test_sharded_batch_matches_unsharded(axis_type, bank_spec):
   np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
   np.testing.assert_array_equal(new_U, want_U)
   assert new_U.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P(*bank_spec)), 2)
+
+
+def test_invalid_bank_rows_form_no_pairs():
+  """Rows marked invalid (skipped images) weigh as if they were not in the bank; all-valid is the default."""
+  u, y, U, Y = random_case(3, rows=20, multilabel=True)
+  valid = np.ones(20, bool)
+  valid[[2, 7, 8]] = False
+  loss, aux = losses.wmle_loss(u, y, U, Y, alpha=0.5, valid=valid)
+  want, want_aux = losses.wmle_loss(u, y, U[valid], Y[valid], alpha=0.5)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  assert (aux["pairs_similar"], aux["pairs_dissimilar"]) == (want_aux["pairs_similar"], want_aux["pairs_dissimilar"])
+  grad = jax.grad(lambda u: losses.wmle_loss(u, y, U, Y, 0.5, valid)[0])(jnp.asarray(u))
+  want_grad = jax.grad(lambda u: losses.wmle_loss(u, y, U[valid], Y[valid], 0.5)[0])(jnp.asarray(u))
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+  np.testing.assert_array_equal(losses.wmle_loss(u, y, U, Y, 0.5, np.ones(20, bool))[0],
+                                losses.wmle_loss(u, y, U, Y, 0.5)[0])

@@ -41,3 +41,31 @@ def test_grid_rejects_float_images(tmp_path):
   with pytest.raises(ValueError, match="uint8"):
     plots.plot_retrieval_grid(np.zeros((1, 8, 8, 3)), np.zeros((2, 8, 8, 3), np.uint8), np.zeros((1, 2), int),
                               np.ones((1, 2), bool), tmp_path / "x.png")
+
+
+def test_retrieval_grid_draws_the_query_like_its_results(tmp_path, monkeypatch):
+  """The query and every result show their whole image, drawn at the same size on the page."""
+  rng = np.random.default_rng(1)
+  queries = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  database = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
+  top = rng.integers(0, 30, (2, 10))
+  drawn = []
+  real = plots._save
+
+  def measure(fig, path, dpi):
+    fig.canvas.draw()
+    for ax in fig.axes:
+      (image,) = ax.get_images()
+      array, extent = np.asarray(image.get_array()), image.get_window_extent()
+      drawn.append((array, extent.width * 16 / array.shape[1], extent.height * 16 / array.shape[0]))
+    real(fig, path, dpi)
+
+  monkeypatch.setattr(plots, "_save", measure)
+  plots.plot_retrieval_grid(queries, database, top, rng.random((2, 10)) < 0.5, tmp_path / "grid.png")
+  assert len(drawn) == 22
+  for k, (array, width, height) in enumerate(drawn):
+    row, col = divmod(k, 11)
+    want = queries[row] if col == 0 else database[top[row, col - 1]]
+    pad = (array.shape[0] - 16) // 2
+    np.testing.assert_array_equal(array[pad:pad + 16, pad:pad + 16], want)  # the whole image, not overdrawn
+    np.testing.assert_allclose((width, height), drawn[0][1:], rtol=1e-6)  # at the query's drawn size

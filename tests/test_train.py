@@ -261,3 +261,39 @@ def test_missing_init_checkpoint_exits_with_one_message(tmp_path):
   assert f"error: no checkpoint directory {tmp_path / 'nope'}" in proc.stderr
   assert "python -m hybridhash_jax.convert" in proc.stderr
   assert not (tmp_path / "nope").exists()
+
+
+def test_skipped_training_images_leave_the_bank_pairs(tmp_path, monkeypatch):
+  """The check's bad training rows form no pair; rows past the training set (the reference's zero
+  rows, loss.memory_bank_size larger than it) still do."""
+  from tests import data_fixtures  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "data")
+  rows = data_fixtures.write_listfile(root, {"train": 16, "query": 4, "database": 8}, num_classes=5)
+  with open(os.path.join(root, rows["train"][3][0]), "wb") as f:
+    f.write(b"not an image")
+  config = tiny_config(**{"data.name": "listfile", "data.num_classes": 5, "data.list_dir": root, "data.root": root,
+                          "data.on_bad_image": "skip", "loss.memory_bank_size": 20})
+  splits = input_pipeline.build_splits(config, str(tmp_path / "w"))
+  setup = train.build(config, splits, sharding.make_mesh(config.mesh))
+  np.testing.assert_array_equal(setup.bank_valid, np.arange(20) != 3)
+  seen, real = [], losses.wmle_loss
+  monkeypatch.setattr(losses, "wmle_loss", lambda *a: seen.append(a[5]) or real(*a))
+  batch = next(iter(input_pipeline.train_loader(config, splits, seed=0, local_batch_size=8, worker_count=0)))
+  train.make_train_step(setup, config)(train.initial_state(setup, config), sharding.global_batch(setup.mesh, batch))
+  np.testing.assert_array_equal(seen[0], np.arange(20) != 3)  # the step hands the mask to the loss
+
+
+def test_an_error_after_training_began_saves_a_checkpoint_first(tmp_path, monkeypatch):
+  from hybridhash_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax.data import images  # pylint: disable=g-import-not-at-top
+
+  def bad_database(*args, **kwargs):
+    raise images.BadImageError("db/7.png: cannot decode image (truncated)")
+
+  monkeypatch.setattr(evaluate.Evaluator, "run", bad_database)
+  # 200 training images in batches of 8: the first evaluation is at step 25, no checkpoint is due before 100.
+  config = tiny_config(num_train_steps=30, eval_every_epochs=1, checkpoint_every_steps=100)
+  with pytest.raises(images.BadImageError, match="db/7.png"):
+    train.train_and_evaluate(config, str(tmp_path))
+  step, params, _ = restore_state(tmp_path)
+  assert step == 25 and all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
