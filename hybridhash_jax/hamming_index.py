@@ -366,8 +366,9 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
   staged = staging.chunks()
   if barrier:
     barrier("index-scanned")  # every process has read the same staged chunks before any adds one
-  todo = [r for r in rels if not (r in previous and previous[r][:2] == stats[r])
-          and not (r in staged and staged[r][:2] == stats[r])]
+  fresh = [r for r in rels if not (r in previous and previous[r][:2] == stats[r])]
+  todo = [r for r in fresh if not (r in staged and staged[r][:2] == stats[r])]
+  resumed = len(fresh) - len(todo)  # encoded by an earlier, interrupted build
   chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)][process_index::process_count]
   n_mine = sum(map(len, chunks))
   logging.info("%d images under %s: %d to encode (%d by this process)", len(rels), root, len(todo), n_mine)
@@ -387,13 +388,13 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
   result = None
   if process_index == 0:
     result = _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist, missing,
-                     time.perf_counter() - t0)
+                     {"encoded": len(todo), "resumed": resumed, "seconds": round(time.perf_counter() - t0, 3)})
   if barrier:
     barrier("index-written")
   return result if result is not None else _read_json(os.path.join(out, INDEX_JSON))
 
 
-def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist, missing, seconds) -> dict:
+def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist, missing, build_stats) -> dict:
   """Writes the new version's files, then replaces index.json (the commit), then removes what it replaced."""
   staged = staging.chunks()
   paths, codes, skipped = [], [], [list(m) for m in missing]
@@ -425,7 +426,7 @@ def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist,
   labels = sorted({_label(p) for p in paths} - {None})
   new = {"format": FORMAT, "kind": kind, "params": params, **info, "bit_order": BIT_ORDER, "images": root,
          "count": len(paths), "num_labels": len(labels), "skipped": skipped, "files": files,
-         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": round(seconds, 3)}
+         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build_stats}
   _atomic_write(os.path.join(out, INDEX_JSON), lambda f: f.write(json.dumps(new, indent=2).encode("utf-8")))
   keep = set(files.values()) | {INDEX_JSON}
   for name in os.listdir(out):
