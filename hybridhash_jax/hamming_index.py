@@ -206,11 +206,12 @@ class HammingIndex:
         self._index.nflip = 0
       d, i = self._index.search(packed, keep)
       kth = np.where(i >= 0, d, -1).max(axis=1)
-      ranged = self._range(packed, int(kth.max()) + 1)
-      found = []
-      for q, (rd, ri) in enumerate(ranged):
-        ok = rd <= kth[q]  # the range used the largest k-th distance of the batch
-        found.append((np.concatenate([d[q][i[q] >= 0], rd[ok]]), np.concatenate([i[q][i[q] >= 0], ri[ok]])))
+      found = [None] * len(packed)
+      for t in np.unique(kth):  # one range search per k-th distance: everything tied with the k-th item
+        rows = np.flatnonzero(kth == t)
+        for q, (rd, ri) in zip(rows, self._range(packed[rows], int(t) + 1)):
+          ok = i[q] >= 0
+          found[q] = (np.concatenate([d[q][ok], rd]), np.concatenate([i[q][ok], ri]))
     return [self._hits(fd, fi, keep) for fd, fi in found]
 
   def _hits(self, d: np.ndarray, i: np.ndarray, keep: int | None) -> list[Hit]:
@@ -308,7 +309,7 @@ class _Staging:
     return path
 
 
-def _make_faiss(kind: str, bits: int, codes: np.ndarray, nhash: int | None, nlist: int | None):
+def make_faiss(kind: str, bits: int, codes: np.ndarray, nhash: int | None, nlist: int | None):
   if kind == "flat":
     index, params = faiss.IndexBinaryFlat(bits), {}
   elif kind == "multihash":
@@ -411,7 +412,7 @@ def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist,
       paths.append(rel)
       codes.append(code)
   codes = np.stack(codes) if codes else np.zeros((0, info["bits"] // 8), np.uint8)
-  index, params = _make_faiss(kind, info["bits"], codes, nhash, nlist)
+  index, params = make_faiss(kind, info["bits"], codes, nhash, nlist)
   version = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
   files = {"faiss": f"index-{version}.faiss", "items": f"items-{version}.parquet", "codes": f"codes-{version}.npy"}
   tmp = os.path.join(out, files["faiss"] + ".tmp")
