@@ -186,7 +186,9 @@ class HammingIndex:
 
     faiss's k-NN heap returns some of the items tied at the k-th distance, in no set order; the k-th
     distance found bounds a range search that returns them all, and the stable order picks among
-    them, so a flat index gives exactly `metrics.top_indices`.
+    them, so a flat index gives exactly `metrics.top_indices`. A multihash range search flips enough
+    bits per table to be exact, so its k-NN is exact too once its tables yield k candidates; ivf is
+    approximate (`nprobe` lists).
     """
     if (k is None) == (radius is None):
       raise ValueError("give exactly one of k and radius")
@@ -357,7 +359,7 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
           zip(old._items["path"], old._items["size"], old._items["mtime_ns"]))}  # pylint: disable=protected-access
     else:
       logging.info("%s was built by another encoder or from other images: re-encoding everything", out)
-  staging = _Staging(out, identity, process_index)
+  staging = _Staging(out, {**identity, "images": root}, process_index)
   if barrier:
     barrier("index-staging")
   stats = {}

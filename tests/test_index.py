@@ -121,6 +121,9 @@ def test_other_kinds_give_true_distances_and_exact_radius(run, tmp_path):
       assert len(row) == 10 and row[0].distance == 0
       assert [(h.distance, h.id) for h in row] == sorted((h.distance, h.id) for h in row)
   multihash = hamming_index.HammingIndex.open(str(tmp_path / "multihash"))
+  # Once the tables yield k candidates, the range search up to the k-th distance makes k-NN exact too.
+  assert ([[h.id for h in r] for r in multihash.search(queries, k=10)]
+          == [[h.id for h in r] for r in flat.search(queries, k=10)])
   for radius in (0, 2, 5):  # multi-index hashing with enough flips is exact within a radius
     assert ([[h.id for h in r] for r in multihash.search(queries, radius=radius)]
             == [[h.id for h in r] for r in flat.search(queries, radius=radius)])
