@@ -16,12 +16,11 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from hybridhash_jax import checkpoints
 from hybridhash_jax import config_lib
+from hybridhash_jax import encoding
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import metric_writer
 from hybridhash_jax import metrics
-from hybridhash_jax import models
 from hybridhash_jax import plots
 from hybridhash_jax import sharding
 
@@ -49,12 +48,7 @@ class Evaluator:
     self._config = config
     self._mesh = mesh
     self._local_batch = sharding.local_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    batch_sh = sharding.batch_sharding(mesh)
-
-    def encode(params, images):
-      return model.apply({"params": params}, input_pipeline.normalize(images), train=False)
-
-    self._encode = jax.jit(encode, in_shardings=(params_shardings, batch_sh), out_shardings=batch_sh)
+    self._encode = encoding.encode_fn(model, mesh, params_shardings)
 
   def encode(self, params, source) -> tuple[np.ndarray, np.ndarray]:
     """Codes (tanh outputs) and labels of every example of `source`, in source order."""
@@ -125,12 +119,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Restores params from `workdir` (latest, or `config.eval_step`) onto the present devices and evaluates."""
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  model = models.from_config(config.model)
-  abstract = models.abstract_params(model)
-  params_sh = sharding.tree_shardings(mesh, abstract)
-  abstract = sharding.place(abstract, params_sh)
-  params, _, step = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), abstract, config.to_dict(),
-                                               config.eval_step)
+  r = encoding.restore(os.path.join(workdir, "checkpoints"), mesh, config.to_dict(), config.eval_step)
   splits = input_pipeline.build_splits(config, workdir)
-  evaluator = Evaluator(config, model, mesh, params_sh)
-  return evaluator.run(params, splits, step, workdir, load_history(workdir))
+  evaluator = Evaluator(config, r.model, mesh, r.params_shardings)
+  return evaluator.run(r.params, splits, r.step, workdir, load_history(workdir))

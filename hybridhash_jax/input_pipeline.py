@@ -97,7 +97,13 @@ def steps_per_epoch(config, splits: Splits) -> int:
   return steps
 
 
-def _eval_image(image: np.ndarray, size: int, crop: bool) -> np.ndarray:
+def crops(data_name: str) -> bool:
+  """Whether a dataset kind's images are resized and cropped (list files, folders) or only resized."""
+  return data_name in _CROPPED
+
+
+def eval_image(image: np.ndarray, size: int, crop: bool) -> np.ndarray:
+  """The evaluation transform of one decoded RGB uint8 image: (H, W, 3) -> (size, size, 3)."""
   if crop:
     return images.center_crop(images.resize_shorter(image, images.resize_size(size)), size)
   return images.resize(image, size, size)
@@ -133,7 +139,7 @@ class _EvalTransform(grain.transforms.Map):
   def map(self, element):
     if element["image"] is None:
       return {**element, "image": np.zeros((self.size, self.size, 3), np.uint8), "mask": np.False_}
-    return {**element, "image": _eval_image(element["image"], self.size, self.crop), "mask": element["mask"]}
+    return {**element, "image": eval_image(element["image"], self.size, self.crop), "mask": element["mask"]}
 
 
 def train_loader(config, splits: Splits, *, seed: int, process_index: int = 0, process_count: int = 1,

@@ -5,6 +5,7 @@ bomb) into a `BadImageError` that names the file, so that no bad file becomes a 
 garbage training example. PIL's decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`) is left as is.
 """
 
+import io
 import os
 
 from absl import logging
@@ -29,14 +30,23 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
   return np.asarray(img.convert("RGB"), np.uint8)
 
 
-def decode(path: str) -> np.ndarray:
-  """Reads `path` into an RGB uint8 (H, W, 3) array, whatever the image mode (P, L, LA, RGBA, CMYK, I;16...)."""
+def _decode(source, name: str) -> np.ndarray:
   try:
-    with Image.open(path) as img:
+    with Image.open(source) as img:
       img.load()  # decodes now, so truncation raises here rather than as a grey tail
       return _to_rgb(img)
   except Exception as e:  # pylint: disable=broad-except; PIL raises many types on corrupt data, all mean "this file"
-    raise BadImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def decode(path: str) -> np.ndarray:
+  """Reads `path` into an RGB uint8 (H, W, 3) array, whatever the image mode (P, L, LA, RGBA, CMYK, I;16...)."""
+  return _decode(path, path)
+
+
+def decode_bytes(data: bytes, name: str) -> np.ndarray:
+  """`decode` for an image held in memory (an upload); errors name it `name`."""
+  return _decode(io.BytesIO(data), name)
 
 
 def log_skipped(workdir: str | None, path: str, reason: str) -> None:
