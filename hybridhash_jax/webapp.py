@@ -18,7 +18,6 @@ import importlib.resources
 import io
 import os
 from typing import Literal
-import warnings
 
 import fastapi
 from fastapi import responses
@@ -98,7 +97,17 @@ def _search_args(params: SearchParams, bits: int) -> dict:
 
 
 def _decode_upload(data: bytes, name: str) -> np.ndarray:
+  """400 naming the upload if it is not an image, or has more pixels than PIL's decompression-bomb limit
+  (PIL refuses twice that itself, but only warns below; a server refuses both, before decoding)."""
   try:
+    with Image.open(io.BytesIO(data)) as img:  # the header only
+      pixels = img.width * img.height
+  except Exception:  # pylint: disable=broad-except; decode_bytes names the problem below
+    pixels = 0
+  try:
+    if pixels > Image.MAX_IMAGE_PIXELS:
+      raise images.BadImageError(f"{name}: refused, {pixels} pixels could be a decompression bomb "
+                                 f"(DecompressionBombWarning: over PIL's limit of {Image.MAX_IMAGE_PIXELS})")
     return images.decode_bytes(data, name)
   except images.BadImageError as e:
     raise fastapi.HTTPException(400, str(e)) from None
@@ -121,9 +130,7 @@ def create_app(index, encoder, *, max_upload_bytes: int = 10 * 2**20, batch_wind
   """The app for `index` (a `HammingIndex`) searched with `encoder` (an `Encoder` the index was built with).
 
   `batch_window_s` and `max_batch` set the batcher (`batching=False`: each upload encoded alone).
-  It makes PIL's DecompressionBombWarning an error in this process: a server refuses such uploads.
   """
-  warnings.simplefilter("error", Image.DecompressionBombWarning)
   web = importlib.resources.files("hybridhash_jax") / "web"
   pages = {route: (web.joinpath(name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
   batcher = Batcher(encoder.encode, window_s=batch_window_s, max_batch=max_batch, enabled=batching)
