@@ -5,7 +5,6 @@ devices and hands off to `train.train_and_evaluate` (or `evaluate.evaluate_check
 with `--config.eval_only=True`). A notebook calls those functions directly.
 """
 
-import os
 import sys
 
 from absl import app
@@ -13,6 +12,8 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from hybridhash_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
@@ -23,23 +24,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _cluster_detected() -> bool:
-  """Multi-process launches that `jax.distributed.initialize()` can configure by itself."""
-  env = os.environ
-  return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-          or "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env)
-
-
-def initialize_distributed() -> None:
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _cluster_detected():
-    jax.distributed.initialize()
-
-
 def main(argv):
   del argv
-  initialize_distributed()
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   # Imported after distributed init: nothing may touch the backend before it.
   from hybridhash_jax import evaluate  # pylint: disable=g-import-not-at-top
   from hybridhash_jax import train  # pylint: disable=g-import-not-at-top

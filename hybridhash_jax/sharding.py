@@ -6,6 +6,7 @@ params and their optimiser state are split over the `fsdp` axis (FSDP).
 """
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -13,6 +14,22 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**16  # smaller leaves stay replicated: splitting them costs more than it saves.
+
+
+def _cluster_detected() -> bool:
+  """Multi-process launches that `jax.distributed.initialize()` can configure by itself."""
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins the other processes of a multi-host run: explicitly, or where the cluster says how (TPU, SLURM, MPI)."""
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _cluster_detected():
+    jax.distributed.initialize()
 
 
 def make_mesh(mesh_config) -> Mesh:

@@ -1,0 +1,164 @@
+"""Search your images: `python -m hybridhash_jax.index build | search | export`.
+
+  build   --workdir=W [--step=N] | --encoder=PATH, --images=DIR|LIST --index=OUT [--kind=flat|multihash|ivf]
+  search  --index=OUT --query IMG [IMG ...] | --id N [N ...]  [--k=10 | --radius=R] [--format=table|json]
+          [--grid=PNG] [--workdir=W | --encoder=PATH: default, the index's own]
+  export  --index=OUT --format=parquet|npy --output=PATH
+
+Thin on purpose: the library is `hamming_index` (index) and `encoding` (checkpoint -> codes).
+A user error (missing or corrupt file, a non-image query, an encoder of another model) ends with
+one `error: ...` line and exit status 1.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+from hybridhash_jax import sharding
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m hybridhash_jax.index", description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  def encoder_args(s, required):
+    g = s.add_mutually_exclusive_group(required=required)
+    g.add_argument("--workdir", help="training workdir: the model of WORKDIR/checkpoints")
+    g.add_argument("--encoder", help="an exported encoder (python -m hybridhash_jax.export)")
+    s.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+
+  b = sub.add_parser("build", help="encode a folder (or list file) of images into an index")
+  encoder_args(b, True)
+  b.add_argument("--images", required=True, help="folder of images (recursive) or a list file of paths")
+  b.add_argument("--index", required=True, help="index directory to create or update")
+  b.add_argument("--kind", default="flat", help="flat (exact) | multihash | ivf")
+  b.add_argument("--chunk", type=int, default=1024, help="images per staged chunk (resume granularity)")
+  b.add_argument("--nhash", type=int, default=None, help="multihash: number of hash tables (default bits/16)")
+  b.add_argument("--nlist", type=int, default=None, help="ivf: number of lists (default 4 sqrt(n))")
+  b.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process builds)")
+  b.add_argument("--num_processes", type=int, default=None)
+  b.add_argument("--process_id", type=int, default=None)
+
+  s = sub.add_parser("search", help="query an index with images or indexed items")
+  s.add_argument("--index", required=True)
+  q = s.add_mutually_exclusive_group(required=True)
+  q.add_argument("--query", nargs="+", help="image files")
+  q.add_argument("--id", nargs="+", type=int, help="ids of indexed items")
+  r = s.add_mutually_exclusive_group()
+  r.add_argument("--k", type=int, default=None, help="the k nearest (default 10)")
+  r.add_argument("--radius", type=int, default=None, help="everything within this Hamming distance")
+  s.add_argument("--format", default="table", choices=("table", "json"))
+  s.add_argument("--grid", default=None, help="PNG of the queries and their results")
+  encoder_args(s, False)
+
+  e = sub.add_parser("export", help="ids, paths and packed codes for Milvus, OpenSearch, ...")
+  e.add_argument("--index", required=True)
+  e.add_argument("--format", required=True, choices=("parquet", "npy"))
+  e.add_argument("--output", required=True, help="a .parquet file, or a folder for npy")
+  return p
+
+
+def _encoder(args, info: dict | None = None):
+  """The encoder the flags name, or the one recorded in an index's `info`."""
+  from hybridhash_jax import encoding  # pylint: disable=g-import-not-at-top; after jax.distributed
+  if args.encoder or (not args.workdir and info and info.get("encoder")):
+    return encoding.Encoder.from_export(args.encoder or info["encoder"])
+  if args.workdir:
+    return encoding.Encoder.from_workdir(args.workdir, args.step)
+  return encoding.Encoder.from_workdir(os.path.dirname(info["checkpoint"]), info["step"] if args.step is None
+                                       else args.step)
+
+
+def _build(args) -> None:
+  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import hamming_index  # pylint: disable=g-import-not-at-top
+  multi = jax.process_count() > 1
+  info = hamming_index.build(_encoder(args), args.images, args.index, kind=args.kind, chunk_size=args.chunk,
+                             nhash=args.nhash, nlist=args.nlist, process_index=jax.process_index(),
+                             process_count=jax.process_count(),
+                             barrier=multihost_utils.sync_global_devices if multi else None)
+  if jax.process_index() == 0:
+    for path, reason in info["skipped"]:
+      print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"{args.index}: {info['count']} images indexed ({info['kind']}, {info['bits']} bits), "
+          f"{len(info['skipped'])} skipped, {info['build_seconds']:.1f} s")
+
+
+def _query_label(path: str) -> str:
+  return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+def _search(args) -> None:
+  from hybridhash_jax import hamming_index  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax.data import images  # pylint: disable=g-import-not-at-top
+  index = hamming_index.HammingIndex.open(args.index)
+  k = 10 if args.k is None and args.radius is None else args.k
+  encoder = None
+  if args.query:
+    decoded = [images.decode(p) for p in args.query]  # a non-image query fails here, naming it
+    encoder = _encoder(args, index.info)
+    index.check_encoder(encoder)
+    views = np.stack([encoder.preprocess(im) for im in decoded])
+    codes = hamming_index.pack(encoder.encode(views))
+    queries, query_labels = list(args.query), [_query_label(p) for p in args.query]
+  else:
+    codes = index.codes_of(args.id)
+    queries, query_labels = list(args.id), [index.item(i)["label"] for i in args.id]
+  hits = index.search(codes, k=k, radius=args.radius)
+  for query, row in zip(queries, hits):
+    if args.format == "json":
+      print(json.dumps({"query": query, "results": [dataclasses.asdict(h) for h in row]}))
+    else:
+      print(f"query {query}: {len(row)} results")
+      print(f"{'rank':>5} {'id':>8} {'dist':>4}  {'label':<16} path")
+      for h in row:
+        print(f"{h.rank:>5} {h.id:>8} {h.distance:>4}  {h.label or '-':<16} {h.path}")
+  if args.grid:
+    _grid(args, index, encoder, queries, query_labels, hits)
+
+
+def _grid(args, index, encoder, queries, query_labels, hits) -> None:
+  from hybridhash_jax import plots  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax.data import images  # pylint: disable=g-import-not-at-top
+  encoder = encoder or _encoder(args, index.info)
+
+  def view(path):
+    return encoder.preprocess(images.decode(path))
+
+  cols = max(1, max(len(row) for row in hits))
+  size = (encoder.img_size, encoder.img_size, 3)
+  q_views = np.stack([view(q) if isinstance(q, str) else view(index.item_path(q)) for q in queries])
+  db_views = np.zeros((len(hits), cols, *size), np.uint8)
+  relevant = np.zeros((len(hits), cols), bool)
+  for i, row in enumerate(hits):
+    for j, h in enumerate(row):
+      db_views[i, j] = view(index.item_path(h.id))
+      relevant[i, j] = h.label is not None and h.label == query_labels[i]
+  top = np.arange(len(hits) * cols).reshape(len(hits), cols)
+  plots.plot_retrieval_grid(q_views, db_views.reshape(-1, *size), top, relevant, args.grid)
+
+
+def _export(args) -> None:
+  from hybridhash_jax import hamming_index  # pylint: disable=g-import-not-at-top
+  for path in hamming_index.export(hamming_index.HammingIndex.open(args.index), args.output, args.format):
+    print(path)
+
+
+def main(argv=None) -> None:
+  args = _parser().parse_args(argv)
+  from hybridhash_jax.data import images  # pylint: disable=g-import-not-at-top
+  try:
+    {"build": _build, "search": _search, "export": _export}[args.command](args)
+  except (FileNotFoundError, ValueError, KeyError, images.BadImageError) as e:
+    # User errors (a missing or corrupt file, a non-image, another model): one line, no traceback.
+    sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+
+
+if __name__ == "__main__":
+  main()
