@@ -28,7 +28,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(served):
-  app = webapp.create_app(served.index, served.encoder, max_upload_bytes=LIMIT)
+  app = webapp.create_app(served.index, served.encoder, max_upload_bytes=LIMIT, max_batch=4)
   with TestClient(app, raise_server_exceptions=False) as c:
     yield c
 
@@ -133,7 +133,7 @@ def test_no_request_path_is_opened(client, path):
 
 def test_raw_dot_segments_are_not_found(served):
   """An HTTP client that sends `..` unnormalised, straight to uvicorn."""
-  app = webapp.create_app(served.index, served.encoder)
+  app = webapp.create_app(served.index, served.encoder, max_batch=4)
   with serve_fixtures.serving(app) as url:
     with httpx.Client() as http:
       for path in ("/api/items/../../../../etc/passwd", "/../../../../etc/passwd", "/api/items/../../pyproject.toml"):
