@@ -5,6 +5,9 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import subprocess
+import sys
+import time
 
 import httpx
 import numpy as np
@@ -17,6 +20,7 @@ from hybridhash_jax.batcher import Batcher
 from hybridhash_jax.data import images
 from tests import data_fixtures
 from tests import serve_fixtures
+from tests.test_train import REPO, _free_port
 
 LIMIT = 2**20  # a 1 MB upload limit keeps the over-limit bodies small
 
@@ -276,3 +280,42 @@ def test_concurrent_uploads_share_batches(served):
     code = served.encoder.encode(served.encoder.preprocess(images.decode_bytes(data, "u"))[None])
     assert result["hits"] == _expected(served, code, k=3)
   assert sum(int(n) * c for n, c in batches.items()) == 16 and max(map(int, batches)) > 1, batches
+
+
+def _serve_cli(*args, **kwargs):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=str(REPO))
+  return subprocess.Popen([sys.executable, "-m", "hybridhash_jax.serve", *args], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_cli_serves_the_index_with_its_own_encoder(served):
+  port = _free_port()
+  proc = _serve_cli(f"--index={served.out}", f"--port={port}", "--max_batch=1")
+  try:
+    line = proc.stdout.readline()
+    assert line.strip() == f"Searching 18 items (16 bits): open http://127.0.0.1:{port}/", (line, proc.stderr)
+    deadline = time.monotonic() + 120
+    while True:  # the URL is printed before uvicorn binds
+      try:
+        info = httpx.get(f"http://127.0.0.1:{port}/api/info").json()
+        break
+      except httpx.TransportError:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    assert (info["size"], info["step"], info["checkpoint"]) == (18, 7, served.index.info["checkpoint"])
+    hits = httpx.post(f"http://127.0.0.1:{port}/api/search", json={"id": 3, "k": 5}).json()["hits"]
+    assert hits == _expected(served, served.index.codes_of([3]), k=5)
+  finally:
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--index=/nonexistent/index"], "/nonexistent/index/index.json"),
+    (["--index={out}", "--workdir=/nonexistent/work"], "/nonexistent/work/checkpoints"),
+])
+def test_cli_errors_are_one_line(served, args, message):
+  proc = _serve_cli(*(a.format(out=served.out) for a in args))
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in err, err
+  assert err.strip().splitlines()[-1].startswith("error: ") and message in err, err
