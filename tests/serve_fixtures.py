@@ -9,6 +9,8 @@ import time
 
 import jax
 import numpy as np
+from PIL import Image
+import pytest
 import uvicorn
 
 from hybridhash_jax import checkpoints
@@ -33,24 +35,47 @@ class Served:
 def write_checkpoint(workdir: str) -> None:
   """A random tiny model (16 px, 16 bits) saved as a step-7 params checkpoint of a folder dataset.
 
-  Its params are drawn with NumPy (no compiled init): random codes, the same ones every run.
+  Its params are drawn with NumPy, scaled by fan-in like an init (compiling flax's init takes longer
+  than all the tests that use it), so different images get different codes.
   """
   config = tiny_config()
   config.data.name = "folder"
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype),
-                        models.abstract_params(models.from_config(config.model)))
+
+  def draw(path, a):
+    name = path[-1].key
+    if name in ("scale", "bias"):
+      return np.full(a.shape, name == "scale", a.dtype)
+    return (rng.standard_normal(a.shape) / np.sqrt(np.prod(a.shape[:-1]) if a.ndim > 1 else 1)).astype(a.dtype)
+
+  params = jax.tree_util.tree_map_with_path(draw, models.abstract_params(models.from_config(config.model)))
   checkpoints.save_params(os.path.join(workdir, "checkpoints"), params, config.to_dict(), step=7)
+
+
+def smooth_image(seed: int, height: int, width: int) -> np.ndarray:
+  """A random 3 x 3 colour grid, bilinearly enlarged: images that differ in their layout of colour."""
+  grid = np.random.default_rng(seed).integers(0, 256, (3, 3, 3), dtype=np.uint8)
+  return np.asarray(Image.fromarray(grid).resize((width, height), Image.BILINEAR))
 
 
 def make(tmp: str) -> Served:
   """Writes the images and the checkpoint under `tmp`, and indexes the images in tmp/index."""
   root, workdir, out = os.path.join(tmp, "images"), os.path.join(tmp, "work"), os.path.join(tmp, "index")
-  data_fixtures.write_folder(root, CLASSES, size=(20, 24))
+  seed = 0
+  for name, n in CLASSES.items():
+    for i in range(n):
+      data_fixtures.write_image(os.path.join(root, name, f"{i:03d}.png"), smooth_image(seed, 20, 24))
+      seed += 1
   write_checkpoint(workdir)
   encoder = encoding.Encoder.from_workdir(workdir)
   hamming_index.build(encoder, root, out, progress=False)
   return Served(root, workdir, out, encoder, hamming_index.HammingIndex.open(out))
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> Served:
+  """One setup for the API and browser tests (which only read it)."""
+  return make(str(tmp_path_factory.mktemp("served")))
 
 
 @contextlib.contextmanager

@@ -20,14 +20,10 @@ from hybridhash_jax.batcher import Batcher
 from hybridhash_jax.data import images
 from tests import data_fixtures
 from tests import serve_fixtures
+from tests.serve_fixtures import served  # pylint: disable=unused-import; a fixture
 from tests.test_train import REPO, _free_port
 
 LIMIT = 2**20  # a 1 MB upload limit keeps the over-limit bodies small
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-  return serve_fixtures.make(str(tmp_path_factory.mktemp("served")))
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +69,7 @@ def test_search_by_id_is_the_index_order(client, served):
   result = client.post("/api/search", json={"id": 4, "k": 7}).json()
   assert result["hits"] == _expected(served, served.index.codes_of([4]), k=7)
   assert len(result["hits"]) == result["total"] == 7 and result["k"] == 7
+  assert 4 in [h["id"] for h in result["hits"] if h["distance"] == 0] and len({h["distance"] for h in result["hits"]}) > 2
   assert result["query"]["id"] == 4 and result["query"]["name"] == served.index.item(4)["path"]
   bits = np.unpackbits(served.index.codes_of([4])[0], bitorder="little")[:16]
   assert result["query"]["code"] == "".join(map(str, bits))
@@ -268,7 +265,7 @@ def test_batcher_hands_errors_to_each_request():
 def test_concurrent_uploads_share_batches(served):
   """Over real HTTP: 16 uploads at once are encoded in fewer batches, and each gets its own result."""
   app = webapp.create_app(served.index, served.encoder, batch_window_s=0.05, max_batch=8)
-  uploads = [_png(data_fixtures.pattern_image(100 + i, 20, 24)) for i in range(16)]
+  uploads = [_png(serve_fixtures.smooth_image(100 + i, 20, 24)) for i in range(16)]
   with serve_fixtures.serving(app) as url:
     def search(data):
       return httpx.post(f"{url}/api/search", files={"image": ("u.png", data)}, data={"k": "3"}, timeout=60).json()

@@ -35,11 +35,12 @@ function showInfo() {
                   ["model", ["img_size", "embed_dims", "depths"].filter((f) => f in model)
                               .map((f) => `${f} ${[].concat(model[f]).join("/")}`).join(", ") || "?"],
                   ["step", info.step ?? "?"]];
-  $("info").replaceChildren(...fields.flatMap(([name, value]) => {
-    const dt = document.createElement("dt"), dd = document.createElement("dd");
+  $("info").replaceChildren(...fields.map(([name, value]) => {
+    const pair = document.createElement("div"), dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = name;
     dd.textContent = value;
-    return [dt, dd];
+    pair.append(dt, dd);
+    return pair;
   }));
   $("info").title = info.checkpoint || "";
 }
