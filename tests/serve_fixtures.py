@@ -32,13 +32,13 @@ class Served:
   index: hamming_index.HammingIndex
 
 
-def write_checkpoint(workdir: str) -> None:
-  """A random tiny model (16 px, 16 bits) saved as a step-7 params checkpoint of a folder dataset.
+def write_checkpoint(workdir: str, config=None) -> None:
+  """A random model (by default the tiny one: 16 px, 16 bits) saved as a step-7 checkpoint of a folder dataset.
 
   Its params are drawn with NumPy, scaled by fan-in like an init (compiling flax's init takes longer
   than all the tests that use it), so different images get different codes.
   """
-  config = tiny_config()
+  config = tiny_config() if config is None else config
   config.data.name = "folder"
   rng = np.random.default_rng(0)
 
@@ -58,15 +58,15 @@ def smooth_image(seed: int, height: int, width: int) -> np.ndarray:
   return np.asarray(Image.fromarray(grid).resize((width, height), Image.BILINEAR))
 
 
-def make(tmp: str) -> Served:
-  """Writes the images and the checkpoint under `tmp`, and indexes the images in tmp/index."""
+def make(tmp: str, classes: dict[str, int] = CLASSES, size=(20, 24), config=None) -> Served:
+  """Writes the images (`classes`: name -> count) and the checkpoint under `tmp`, and indexes them in tmp/index."""
   root, workdir, out = os.path.join(tmp, "images"), os.path.join(tmp, "work"), os.path.join(tmp, "index")
   seed = 0
-  for name, n in CLASSES.items():
+  for name, n in classes.items():
     for i in range(n):
-      data_fixtures.write_image(os.path.join(root, name, f"{i:03d}.png"), smooth_image(seed, 20, 24))
+      data_fixtures.write_image(os.path.join(root, name, f"{i:03d}.png"), smooth_image(seed, *size))
       seed += 1
-  write_checkpoint(workdir)
+  write_checkpoint(workdir, config)
   encoder = encoding.Encoder.from_workdir(workdir)
   hamming_index.build(encoder, root, out, progress=False)
   return Served(root, workdir, out, encoder, hamming_index.HammingIndex.open(out))
