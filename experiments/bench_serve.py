@@ -1,11 +1,12 @@
 """Load test of the search server on 127.0.0.1: latency, throughput, errors and memory, batcher on and off.
 
-Runs `python -m hybridhash_jax.serve` twice on a free loopback port, with the request batcher on and
-then off, and against each sends --requests searches by upload (the index's own PNG files), then
---requests by id, from --clients concurrent clients (after a warm-up of --warmup of each). Reports
-p50/p99 latency, throughput and errors (any error, or any response but 200, fails the run), the
-server's batch sizes, and its resident memory (VmRSS) after the warm-up, after the uploads and at
-the end. Prints JSON.
+Runs `python -m hybridhash_jax.serve` twice, each on a free loopback port, with the request batcher
+on and off, and sends each --requests searches by upload (the index's own PNG files), then --requests
+by id, from --clients concurrent clients (after a warm-up of --warmup of each), the two servers taking
+turns block by block (each going first in every other block). Searches by id encode nothing: their on/off difference is the noise of the
+machine. Reports p50/p99 latency, throughput and errors (any error, or any response but 200, fails
+the run), the batch sizes, and each server's resident memory (VmRSS) after the warm-up, the uploads
+and the id searches. Prints JSON.
 
   python -m experiments.bench_serve      # a demo: the quickstart's model (random weights) over 2,000 images
   python -m experiments.bench_serve --index=OUT [--workdir=W | --encoder=PATH] --requests=2000 --clients=8
@@ -37,12 +38,12 @@ def _rss_mb(pid: int) -> float:
   return round(kb / 1024, 1)
 
 
-async def _load(url: str, make_request, n: int, clients: int) -> dict:
-  """`n` requests from `clients` concurrent clients; make_request(i) -> httpx request kwargs."""
-  latencies, errors, next_i = [], [], iter(range(n))
+async def _load(url: str, make_request, requests: range, clients: int) -> tuple[list[float], list[str], float]:
+  """The `requests` (make_request(i) -> httpx kwargs) from `clients` concurrent clients: latencies, errors, seconds."""
+  latencies, errors, todo = [], [], iter(requests)
 
   async def client(http):
-    for i in next_i:
+    for i in todo:
       t = time.perf_counter()
       try:
         r = await http.post(f"{url}/api/search", **make_request(i))
@@ -56,10 +57,13 @@ async def _load(url: str, make_request, n: int, clients: int) -> dict:
   async with httpx.AsyncClient(limits=limits, timeout=120) as http:
     t0 = time.perf_counter()
     await asyncio.gather(*(client(http) for _ in range(clients)))
-    seconds = time.perf_counter() - t0
+    return latencies, errors, time.perf_counter() - t0
+
+
+def _summary(latencies: list[float], errors: list[str], seconds: float) -> dict:
   ms = np.asarray(latencies) * 1e3
-  return {"requests": n, "errors": len(errors), "first_errors": errors[:3], "seconds": round(seconds, 2),
-          "throughput_per_s": round(n / seconds, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+  return {"requests": len(ms), "errors": len(errors), "first_errors": errors[:3], "seconds": round(seconds, 2),
+          "throughput_per_s": round(len(ms) / seconds, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
           "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2)}
 
 
@@ -86,33 +90,41 @@ def _serve(args, batching: bool, log):
     time.sleep(0.2)
 
 
-def _run(args, batching: bool, uploads: list[bytes], size: int, log) -> dict:
-  proc, url = _serve(args, batching, log)
+def _compare(args, uploads: list[bytes], size: int, log) -> dict:
+  """Both servers up at once; blocks of --block requests alternate between them, so that a change in the
+  machine's load falls on both alike."""
+  servers = {"batcher_on": _serve(args, True, log), "batcher_off": _serve(args, False, log)}
   rng = random.Random(0)
   ids = [rng.randrange(size) for _ in range(args.requests + args.warmup)]
-
-  def upload(i):
-    return {"files": {"image": ("q.png", uploads[i % len(uploads)], "image/png")}, "data": {"k": str(args.k)}}
-
-  def by_id(i):
-    return {"json": {"id": ids[i], "k": args.k}}
-
+  kinds = {"upload": lambda i: {"files": {"image": ("q.png", uploads[i % len(uploads)], "image/png")},
+                                "data": {"k": str(args.k)}},
+           "id": lambda i: {"json": {"id": ids[i], "k": args.k}}}
+  out = {mode: {} for mode in servers}
   try:
-    asyncio.run(_load(url, upload, args.warmup, args.clients))
-    asyncio.run(_load(url, by_id, args.warmup, args.clients))
-    rss = {"after_warmup": _rss_mb(proc.pid)}
-    out = {"upload": asyncio.run(_load(url, upload, args.requests, args.clients))}
-    rss["after_uploads"] = _rss_mb(proc.pid)
-    out["id"] = asyncio.run(_load(url, by_id, args.requests, args.clients))
-    rss["end"] = _rss_mb(proc.pid)
-    batches = httpx.get(f"{url}/api/info").json()["batcher"]["batches"]
-    count = sum(batches.values())
-    out.update(rss_mb=rss, rss_growth_mb=round(rss["end"] - rss["after_warmup"], 1), batches=batches,
-               mean_batch=round(sum(int(n) * c for n, c in batches.items()) / max(count, 1), 2))
+    for mode, (proc, url) in servers.items():
+      for make in kinds.values():
+        asyncio.run(_load(url, make, range(args.warmup), args.clients))
+      out[mode]["rss_mb"] = {"after_warmup": _rss_mb(proc.pid)}
+    for kind, make in kinds.items():
+      runs = {mode: ([], [], 0.0) for mode in servers}
+      for b, start in enumerate(range(0, args.requests, args.block)):
+        block = range(start, min(start + args.block, args.requests))
+        for mode in sorted(servers, reverse=b % 2 == 1):  # on first, then off first, ...
+          lat, err, sec = asyncio.run(_load(servers[mode][1], make, block, args.clients))
+          runs[mode] = (runs[mode][0] + lat, runs[mode][1] + err, runs[mode][2] + sec)
+      for mode, (proc, _) in servers.items():
+        out[mode][kind] = _summary(*runs[mode])
+        out[mode]["rss_mb"][f"after_{kind}"] = _rss_mb(proc.pid)
+    for mode, (proc, url) in servers.items():
+      rss = out[mode]["rss_mb"]
+      batches = httpx.get(f"{url}/api/info").json()["batcher"]["batches"]
+      out[mode].update(rss_growth_mb=round(rss["after_id"] - rss["after_warmup"], 1), batches=batches,
+                       mean_batch=round(sum(int(n) * c for n, c in batches.items()) / max(sum(batches.values()), 1), 2))
     return out
   finally:
-    proc.terminate()
-    proc.wait(60)
+    for proc, _ in servers.values():
+      proc.terminate()
+      proc.wait(60)
 
 
 def main():
@@ -125,6 +137,7 @@ def main():
   p.add_argument("--clients", type=int, default=8)
   p.add_argument("--requests", type=int, default=2000, help="searches by upload, and as many by id")
   p.add_argument("--warmup", type=int, default=100)
+  p.add_argument("--block", type=int, default=250, help="requests per block; the two servers alternate blocks")
   p.add_argument("--k", type=int, default=20)
   p.add_argument("--max_batch", type=int, default=32)
   p.add_argument("--window_ms", type=float, default=3.0)
@@ -142,12 +155,11 @@ def main():
       with open(index.item_path(i), "rb") as f:
         uploads.append(f.read())
     with open(os.path.join(tmp, "server.log"), "w", encoding="utf-8") as log:
-      results = {"batcher_on": _run(args, True, uploads, len(index), log),
-                 "batcher_off": _run(args, False, uploads, len(index), log)}
+      results = _compare(args, uploads, len(index), log)
   report = {"device": f"{platform.machine()}, {os.cpu_count()} cores, JAX CPU, {args.devices} device(s)",
             "loadavg_start": load_start, "loadavg_end": open("/proc/loadavg", encoding="ascii").read().split()[:3],
             "index": {"size": len(index), "bits": index.bits, "model": index.info.get("model")},
-            "clients": args.clients, "requests_per_kind": args.requests, "k": args.k,
+            "clients": args.clients, "requests_per_kind": args.requests, "block": args.block, "k": args.k,
             "window_ms": args.window_ms, "max_batch": args.max_batch, **results}
   print(json.dumps(report, indent=1))
   errors = sum(r[kind]["errors"] for r in results.values() for kind in ("upload", "id"))

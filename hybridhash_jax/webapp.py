@@ -182,16 +182,17 @@ def create_app(index, encoder, *, max_upload_bytes: int = 10 * 2**20, batch_wind
   async def search(request: fastapi.Request):
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-      form = await request.form(max_files=1, max_fields=8)
-      upload = form.get("image")
-      if not isinstance(upload, starlette.datastructures.UploadFile):
-        raise fastapi.HTTPException(422, "image: a multipart search needs a file field `image`")
-      params = _parse_params({key: value for key, value in form.items() if key != "image"})
-      if params.id is not None:
-        raise fastapi.HTTPException(422, "give an image or an id, not both")
-      args = _search_args(params, index.bits)
-      name = os.path.basename(upload.filename or "upload")
-      pixels = await run_in_threadpool(_decode_upload, await upload.read(), name)
+      async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload at the end
+        upload = form.get("image")
+        if not isinstance(upload, starlette.datastructures.UploadFile):
+          raise fastapi.HTTPException(422, "image: a multipart search needs a file field `image`")
+        params = _parse_params({key: value for key, value in form.items() if key != "image"})
+        if params.id is not None:
+          raise fastapi.HTTPException(422, "give an image or an id, not both")
+        args = _search_args(params, index.bits)
+        name = os.path.basename(upload.filename or "upload")
+        data = await upload.read()
+      pixels = await run_in_threadpool(_decode_upload, data, name)
       code = await batcher(await run_in_threadpool(encoder.preprocess, pixels))
       query, codes, bits = {"id": None, "name": name}, code[None], code >= 0
     elif kind == "application/json":

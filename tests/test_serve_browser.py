@@ -48,7 +48,8 @@ def _rendered(driver, query: str) -> list[dict]:
   wait = WebDriverWait(driver, 30)
   wait.until(lambda d: d.find_element(By.ID, "query-name").text.startswith(query)
              and not d.find_element(By.ID, "status").text.startswith("searching"))
-  wait.until(lambda d: d.execute_script("return [...document.images].every((i) => i.complete)"))
+  wait.until(lambda d: d.execute_script(  # lazy images below the fold stay unloaded
+      "return [...document.images].every((i) => i.complete || i.getBoundingClientRect().top > innerHeight)"))
   return [{"id": int(li.get_attribute("data-id")), "rank": int(li.get_attribute("data-rank")),
            "distance": int(li.get_attribute("data-distance")), "text": li.text}
           for li in driver.find_elements(By.CSS_SELECTOR, "#hits .hit")]

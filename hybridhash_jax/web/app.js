@@ -47,6 +47,10 @@ function showInfo() {
 
 const thumb = (id) => `api/items/${id}/image`;
 
+function sharpIfTiny(img) {  // an 8 x 8 digit or a 32 x 32 CIFAR image, enlarged: keep its pixels crisp
+  img.addEventListener("load", () => img.classList.toggle("tiny", img.naturalWidth < 64));
+}
+
 function link(id) {
   return "?" + new URLSearchParams({id, ...limits()});
 }
@@ -67,6 +71,7 @@ function hitCard(hit) {
   img.src = thumb(hit.id);
   img.alt = hit.path;
   img.loading = "lazy";
+  sharpIfTiny(img);
   const caption = document.createElement("span");
   caption.className = "caption";
   const head = document.createElement("b");
@@ -162,6 +167,7 @@ function wire() {
 
 async function main() {
   wire();
+  sharpIfTiny($("query-image"));
   try {
     info = await api("api/info");
   } catch (error) {
