@@ -2,9 +2,9 @@
 
 Runs `python -m hybridhash_jax.serve` twice, each on a free loopback port, with the request batcher
 on and off, and sends each --requests searches by upload (the index's own PNG files), then --requests
-by id, from --clients concurrent clients (after a warm-up of --warmup of each), the two servers taking
-turns block by block (each going first in every other block). Searches by id encode nothing: their on/off difference is the noise of the
-machine. Reports p50/p99 latency, throughput and errors (any error, or any response but 200, fails
+by id, from --clients concurrent clients (after a warm-up of --warmup of each), the two servers
+taking turns block by block (each going first in every other block). Searches by id encode nothing:
+their on/off difference is the noise of the machine. Reports p50/p99 latency, throughput and errors (any error, or any response but 200, fails
 the run), the batch sizes, and each server's resident memory (VmRSS) after the warm-up, the uploads
 and the id searches. Prints JSON.
 
