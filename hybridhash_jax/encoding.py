@@ -79,8 +79,10 @@ class Encoder:
   batch size), so any number of images costs at most log2(batch) compilations.
   """
 
-  def __init__(self, run: Callable[[np.ndarray], np.ndarray], info: dict, batch_size: int, multiple: int = 1):
+  def __init__(self, run: Callable[[np.ndarray], np.ndarray], info: dict, batch_size: int, multiple: int = 1,
+               restored: Restored | None = None):
     self._run, self.info = run, info
+    self.restored = restored  # the model and params, for an encoder from a checkpoint
     self.bits, self.img_size = int(info["bits"]), int(info["transform"]["img_size"])
     self._crop = bool(info["transform"]["crop"])
     self._multiple = multiple
@@ -96,7 +98,7 @@ class Encoder:
     info = {"model": r.config["model"], "bits": int(r.config["model"]["bits"]), "checkpoint": directory,
             "step": r.step, "encoder": None, "transform": transform_info(r.config)}
     return cls(lambda x: np.asarray(fn(r.params, x)), info, r.config.get("eval_batch_size", DEFAULT_BATCH),
-               multiple=mesh.size)
+               multiple=mesh.size, restored=r)
 
   @classmethod
   def from_export(cls, path: str) -> "Encoder":

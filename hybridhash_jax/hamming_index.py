@@ -186,7 +186,9 @@ class HammingIndex:
 
     faiss's k-NN heap returns some of the items tied at the k-th distance, in no set order; the k-th
     distance found bounds a range search that returns them all, and the stable order picks among
-    them, so a flat index gives exactly `metrics.top_indices`.
+    them, so a flat index gives exactly `metrics.top_indices`. A multihash range search flips enough
+    bits per table to be exact, so its k-NN is exact too once its tables yield k candidates; ivf is
+    approximate (`nprobe` lists).
     """
     if (k is None) == (radius is None):
       raise ValueError("give exactly one of k and radius")
@@ -206,11 +208,12 @@ class HammingIndex:
         self._index.nflip = 0
       d, i = self._index.search(packed, keep)
       kth = np.where(i >= 0, d, -1).max(axis=1)
-      ranged = self._range(packed, int(kth.max()) + 1)
-      found = []
-      for q, (rd, ri) in enumerate(ranged):
-        ok = rd <= kth[q]  # the range used the largest k-th distance of the batch
-        found.append((np.concatenate([d[q][i[q] >= 0], rd[ok]]), np.concatenate([i[q][i[q] >= 0], ri[ok]])))
+      found = [None] * len(packed)
+      for t in np.unique(kth):  # one range search per k-th distance: everything tied with the k-th item
+        rows = np.flatnonzero(kth == t)
+        for q, (rd, ri) in zip(rows, self._range(packed[rows], int(t) + 1)):
+          ok = i[q] >= 0
+          found[q] = (np.concatenate([d[q][ok], rd]), np.concatenate([i[q][ok], ri]))
     return [self._hits(fd, fi, keep) for fd, fi in found]
 
   def _hits(self, d: np.ndarray, i: np.ndarray, keep: int | None) -> list[Hit]:
@@ -308,7 +311,7 @@ class _Staging:
     return path
 
 
-def _make_faiss(kind: str, bits: int, codes: np.ndarray, nhash: int | None, nlist: int | None):
+def make_faiss(kind: str, bits: int, codes: np.ndarray, nhash: int | None, nlist: int | None):
   if kind == "flat":
     index, params = faiss.IndexBinaryFlat(bits), {}
   elif kind == "multihash":
@@ -356,7 +359,7 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
           zip(old._items["path"], old._items["size"], old._items["mtime_ns"]))}  # pylint: disable=protected-access
     else:
       logging.info("%s was built by another encoder or from other images: re-encoding everything", out)
-  staging = _Staging(out, identity, process_index)
+  staging = _Staging(out, {**identity, "images": root}, process_index)
   if barrier:
     barrier("index-staging")
   stats = {}
@@ -366,8 +369,9 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
   staged = staging.chunks()
   if barrier:
     barrier("index-scanned")  # every process has read the same staged chunks before any adds one
-  todo = [r for r in rels if not (r in previous and previous[r][:2] == stats[r])
-          and not (r in staged and staged[r][:2] == stats[r])]
+  fresh = [r for r in rels if not (r in previous and previous[r][:2] == stats[r])]
+  todo = [r for r in fresh if not (r in staged and staged[r][:2] == stats[r])]
+  resumed = len(fresh) - len(todo)  # encoded by an earlier, interrupted build
   chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)][process_index::process_count]
   n_mine = sum(map(len, chunks))
   logging.info("%d images under %s: %d to encode (%d by this process)", len(rels), root, len(todo), n_mine)
@@ -387,13 +391,13 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
   result = None
   if process_index == 0:
     result = _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist, missing,
-                     time.perf_counter() - t0)
+                     {"encoded": len(todo), "resumed": resumed, "seconds": round(time.perf_counter() - t0, 3)})
   if barrier:
     barrier("index-written")
   return result if result is not None else _read_json(os.path.join(out, INDEX_JSON))
 
 
-def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist, missing, seconds) -> dict:
+def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist, missing, build_stats) -> dict:
   """Writes the new version's files, then replaces index.json (the commit), then removes what it replaced."""
   staged = staging.chunks()
   paths, codes, skipped = [], [], [list(m) for m in missing]
@@ -410,7 +414,7 @@ def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist,
       paths.append(rel)
       codes.append(code)
   codes = np.stack(codes) if codes else np.zeros((0, info["bits"] // 8), np.uint8)
-  index, params = _make_faiss(kind, info["bits"], codes, nhash, nlist)
+  index, params = make_faiss(kind, info["bits"], codes, nhash, nlist)
   version = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
   files = {"faiss": f"index-{version}.faiss", "items": f"items-{version}.parquet", "codes": f"codes-{version}.npy"}
   tmp = os.path.join(out, files["faiss"] + ".tmp")
@@ -425,7 +429,7 @@ def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist,
   labels = sorted({_label(p) for p in paths} - {None})
   new = {"format": FORMAT, "kind": kind, "params": params, **info, "bit_order": BIT_ORDER, "images": root,
          "count": len(paths), "num_labels": len(labels), "skipped": skipped, "files": files,
-         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": round(seconds, 3)}
+         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build_stats}
   _atomic_write(os.path.join(out, INDEX_JSON), lambda f: f.write(json.dumps(new, indent=2).encode("utf-8")))
   keep = set(files.values()) | {INDEX_JSON}
   for name in os.listdir(out):

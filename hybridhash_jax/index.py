@@ -87,7 +87,7 @@ def _build(args) -> None:
     for path, reason in info["skipped"]:
       print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{args.index}: {info['count']} images indexed ({info['kind']}, {info['bits']} bits), "
-          f"{len(info['skipped'])} skipped, {info['build_seconds']:.1f} s")
+          f"{info['build']['encoded']} encoded, {len(info['skipped'])} skipped, {info['build']['seconds']:.1f} s")
 
 
 def _query_label(path: str) -> str:
