@@ -20,3 +20,10 @@ def golden_dir():
   if not GOLDEN.is_dir():
     pytest.fail(f"golden files not found at {GOLDEN}; set HYBRIDHASH_SHARED to the shared/ folder")
   return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+  """A tiny index with its encoder and checkpoint, shared by the web app's tests (which only read it)."""
+  from tests import serve_fixtures  # pylint: disable=g-import-not-at-top
+  return serve_fixtures.make(str(tmp_path_factory.mktemp("served")))

@@ -10,7 +10,6 @@ import time
 import jax
 import numpy as np
 from PIL import Image
-import pytest
 import uvicorn
 
 from hybridhash_jax import checkpoints
@@ -70,12 +69,6 @@ def make(tmp: str, classes: dict[str, int] = CLASSES, size=(20, 24), config=None
   encoder = encoding.Encoder.from_workdir(workdir)
   hamming_index.build(encoder, root, out, progress=False)
   return Served(root, workdir, out, encoder, hamming_index.HammingIndex.open(out))
-
-
-@pytest.fixture(scope="session")
-def served(tmp_path_factory) -> Served:
-  """One setup for the API and browser tests (which only read it)."""
-  return make(str(tmp_path_factory.mktemp("served")))
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ from hybridhash_jax.batcher import Batcher
 from hybridhash_jax.data import images
 from tests import data_fixtures
 from tests import serve_fixtures
-from tests.serve_fixtures import served  # pylint: disable=unused-import; a fixture
 from tests.test_train import REPO, _free_port
 
 LIMIT = 2**20  # a 1 MB upload limit keeps the over-limit bodies small
@@ -121,7 +120,8 @@ NOT_FOUND = [
     "/api/items/..%2F..%2F..%2Fetc%2Fpasswd/image", "/api/items/%2Fetc%2Fpasswd/image", "/api/items/-1/image",
     "/api/items/999/image", "/api/items/1.5/image", "/api/items/%C2%B2/image", "/api/items/cat%2F000.png/image",
     "/etc/passwd", "//etc/passwd", "/..%2F..%2Fpyproject.toml", "/web/app.js", "/app.js/..%2Findex.html",
-    "/api/items/3", "/api/items/3/image/..%2F..%2F..%2Fpyproject.toml"]
+    "/api/items/3", "/api/items/3/image/..%2F..%2F..%2Fpyproject.toml",
+    "/api/items/+3/image", "/api/items/%203/image", "/api/items/%D9%A3/image"]  # what int() would read as 3
 
 
 @pytest.mark.parametrize("path", NOT_FOUND)

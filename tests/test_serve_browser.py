@@ -16,7 +16,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from hybridhash_jax import webapp
 from tests import serve_fixtures
-from tests.serve_fixtures import served  # pylint: disable=unused-import; a fixture
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
