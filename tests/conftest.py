@@ -16,3 +16,10 @@ GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"  # the reference's o
 @pytest.fixture(scope="session")
 def golden_dir():
   return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+  """A tiny index with its encoder and checkpoint, shared by the web app's tests (which only read it)."""
+  from tests import serve_fixtures  # pylint: disable=g-import-not-at-top
+  return serve_fixtures.make(str(tmp_path_factory.mktemp("served")))
