@@ -1,7 +1,7 @@
 """The page in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium).
 
-`/?id=N` renders N's hits in the API's order; clicking a hit, the random button and an upload each
-search and render what the API returns; an error shows in the page. Screenshots at 360 px and at a
+`/?id=N` renders N's hits in the API's order; clicking a hit, the random button, the radius control
+and an upload each search and render what the API returns; an error shows in the page. Screenshots at 360 px and at a
 desktop width are saved under the test's tmp dir, and copied to $HYBRIDHASH_ARTIFACTS when set.
 """
 
@@ -12,6 +12,7 @@ import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from hybridhash_jax import webapp
@@ -100,11 +101,16 @@ def test_link_click_random_and_upload(url, served, tmp_path, device):
     shown = int(driver.execute_script("return new URLSearchParams(location.search).get('id')"))
     _same(_rendered(driver, f"item {shown}:"), _api(url, id=shown, k=8))
 
-    path = served.index.item_path(11)  # an upload through the file picker
+    driver.find_element(By.ID, "radius").send_keys("3", Keys.TAB)  # the radius control reruns the search
+    WebDriverWait(driver, 30).until(lambda d: "within radius 3" in d.find_element(By.ID, "status").text)
+    _same(_rendered(driver, f"item {shown}:"), _api(url, id=shown, radius=3))
+    assert driver.current_url.endswith(f"/?id={shown}&radius=3")
+
+    path = served.index.item_path(11)  # an upload through the file picker, still within radius 3
     driver.find_element(By.ID, "file").send_keys(path)
     grid = _rendered(driver, "upload: 005.png")
     with open(path, "rb") as f:
-      expected = httpx.post(f"{url}/api/search", files={"image": ("005.png", f)}, data={"k": "8"}).json()
+      expected = httpx.post(f"{url}/api/search", files={"image": ("005.png", f)}, data={"radius": "3"}).json()
     _same(grid, expected)
     assert "id=" not in driver.current_url
     _screenshot(driver, tmp_path, f"upload_{device}")

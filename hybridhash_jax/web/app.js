@@ -15,6 +15,11 @@ function limits() {
 function setLimits(params) {
   if (params.has("k")) $("k").value = params.get("k");
   $("radius").value = params.get("radius") ?? "";
+  dimK();
+}
+
+function dimK() {  // a radius search ignores k
+  $("k").disabled = $("radius").value.trim() !== "";
 }
 
 async function api(path, options) {
@@ -161,7 +166,7 @@ function wire() {
   });
   $("random").addEventListener("click", () => searchId(Math.floor(Math.random() * info.size)));
   $("k").addEventListener("change", rerun);
-  $("radius").addEventListener("change", rerun);
+  $("radius").addEventListener("change", () => { dimK(); rerun(); });
   window.addEventListener("popstate", fromUrl);
 }
 
