@@ -132,3 +132,15 @@ class Encoder:
       out.append(np.asarray(self._run(padded), np.float32)[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, self.bits), np.float32)
 
+
+def open_encoder(workdir: str | None = None, encoder: str | None = None, step: int | None = None,
+                 index_info: dict | None = None) -> Encoder:
+  """The encoder named by `encoder` (an export) or `workdir`, else the one an index was built with."""
+  if encoder or (not workdir and index_info and index_info.get("encoder")):
+    return Encoder.from_export(encoder or index_info["encoder"])
+  if workdir:
+    return Encoder.from_workdir(workdir, step)
+  if not index_info:
+    raise ValueError("no encoder: pass --workdir or --encoder")
+  return Encoder.from_workdir(os.path.dirname(index_info["checkpoint"]),
+                              index_info["step"] if step is None else step)

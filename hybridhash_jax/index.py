@@ -63,14 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _encoder(args, info: dict | None = None):
-  """The encoder the flags name, or the one recorded in an index's `info`."""
   from hybridhash_jax import encoding  # pylint: disable=g-import-not-at-top; after jax.distributed
-  if args.encoder or (not args.workdir and info and info.get("encoder")):
-    return encoding.Encoder.from_export(args.encoder or info["encoder"])
-  if args.workdir:
-    return encoding.Encoder.from_workdir(args.workdir, args.step)
-  return encoding.Encoder.from_workdir(os.path.dirname(info["checkpoint"]), info["step"] if args.step is None
-                                       else args.step)
+  return encoding.open_encoder(args.workdir, args.encoder, args.step, info)
 
 
 def _build(args) -> None:

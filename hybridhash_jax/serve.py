@@ -11,8 +11,8 @@ import sys
 
 import uvicorn
 
+from hybridhash_jax import encoding
 from hybridhash_jax import hamming_index
-from hybridhash_jax import index as index_cli
 from hybridhash_jax import webapp
 
 
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
   args = _parser().parse_args(argv)
   try:
     index = hamming_index.HammingIndex.open(args.index)
-    encoder = index_cli._encoder(args, index.info)  # pylint: disable=protected-access; `index search`'s rule
+    encoder = encoding.open_encoder(args.workdir, args.encoder, args.step, index.info)
     index.check_encoder(encoder)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
