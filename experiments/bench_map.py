@@ -63,19 +63,10 @@ def _peak_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_kernel(data, top_k, repeats, chunk_size, devices, kernel, out):
-  """Times the kernel; with devices > 1 the database is sharded over that many devices.
-
-  XLA:CPU runs one device's program on one core, so on a CPU host this is how the kernel uses several
-  cores: the host is split into `devices` CPU devices (set before the backend starts; no effect on GPU).
-  """
+def time_kernel(data, top_k, repeats, chunk_size=None, mesh=None, kernel=None) -> dict:
+  """Times `metrics.mean_average_precision` in this process: the first call (compiling) and the best of `repeats`."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_num_cpu_devices", max(devices, 1))
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
   from hybridhash_jax import metrics  # pylint: disable=g-import-not-at-top
-  if len(jax.devices()) < devices:
-    raise ValueError(f"--devices {devices} but only {len(jax.devices())} {jax.default_backend()} devices")
-  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
   q_codes, q_labels, db_codes, db_labels = data
   kw = dict(chunk_size=chunk_size, mesh=mesh, kernel=kernel)
   t0 = time.perf_counter()
@@ -88,9 +79,24 @@ def run_kernel(data, top_k, repeats, chunk_size, devices, kernel, out):
     value = float(jax.block_until_ready(value))
     steady.append(time.perf_counter() - t0)
   assert value == first
-  out.put(dict(kernel=kernel or metrics.default_kernel(mesh), map=value, first_call_s=compile_and_run, steady_s=min(steady), steady_all_s=steady,
-               device=str(jax.devices()[0].device_kind), platform=jax.default_backend(), devices=devices,
-               peak_rss_mb=_peak_mb()))
+  return dict(kernel=kernel or metrics.default_kernel(mesh), map=value, first_call_s=compile_and_run,
+              steady_s=min(steady), steady_all_s=steady, device=str(jax.devices()[0].device_kind),
+              platform=jax.default_backend())
+
+
+def run_kernel(data, top_k, repeats, chunk_size, devices, kernel, out):
+  """Times the kernel; with devices > 1 the database is sharded over that many devices.
+
+  XLA:CPU runs one device's program on one core, so on a CPU host this is how the kernel uses several
+  cores: the host is split into `devices` CPU devices (set before the backend starts; no effect on GPU).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_num_cpu_devices", max(devices, 1))
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  if len(jax.devices()) < devices:
+    raise ValueError(f"--devices {devices} but only {len(jax.devices())} {jax.default_backend()} devices")
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
+  out.put(dict(time_kernel(data, top_k, repeats, chunk_size, mesh, kernel), devices=devices, peak_rss_mb=_peak_mb()))
 
 
 def run_baseline(data, top_k, out):
