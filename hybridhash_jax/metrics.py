@@ -239,28 +239,33 @@ def _sorted_chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_b
 
   The chunk's (queries, items) distances are a uint8 matrix (uint16 past 254 bits); one stable sort per
   query carries relevance along, so an item's position in its shard's order is its rank there
-  (distance, then index). Its global rank adds, per distance, the items of all shards at lower
-  distances and those of earlier shards at its own, less the shard's own items at lower distances;
-  relevant counts likewise, over a running sum of the sorted relevance.
+  (distance, then index), and a running sum of the sorted relevance its relevant count. Binary
+  searches of the sorted distances give the per-distance counts (no (queries, items, distances)
+  one-hot). The global rank adds, per distance, the items of all shards at lower distances and those
+  of earlier shards at its own, less the shard's own items at lower distances; relevant counts
+  likewise. Ranks grow along a query's sorted row, so the hits at each cutoff are a search too.
   """
   words, labels = (x.reshape(-1, x.shape[-1]) for x in (db_words, db_labels))
   d = sum(lax.population_count(q_words[w][:, None] ^ words[None, :, w]) for w in range(words.shape[1]))
   d = jnp.where(valid.reshape(1, -1), d, num_buckets).astype(jnp.uint8 if num_buckets < 255 else jnp.uint16)
   rel = functools.reduce(jnp.bitwise_or, [q_labels[w][:, None] & labels[None, :, w] for w in range(labels.shape[1])]) != 0
-  onehot = d[..., None] == jnp.arange(num_buckets, dtype=d.dtype)  # padding (far) is in no bucket
-  tot = jnp.stack([onehot.sum(1, dtype=jnp.int32), (onehot & rel[..., None]).sum(1, dtype=jnp.int32)])  # (2, qc, V)
+  sorted_d, sorted_rel = lax.sort((d, rel.astype(jnp.int32)), dimension=1, is_stable=True, num_keys=1)
+  search = jax.vmap(jnp.searchsorted, in_axes=(0, None, None))
+  below = search(sorted_d, jnp.arange(num_buckets + 1, dtype=d.dtype), "left")  # (qc, V + 1): items at d < v
+  rel_upto = jnp.pad(jnp.cumsum(sorted_rel, 1), ((0, 0), (1, 0)))  # (qc, n + 1): relevant items before a position
+  edges = jnp.stack([below, jnp.take_along_axis(rel_upto, below, 1)])  # items (relevant ones) at d < v
+  tot = jnp.diff(edges, axis=-1)  # (2, qc, V); far (padding) items are past the last bucket
   before, tot_all = _shard_offsets(tot, axis_name)
-  below = lambda t: jnp.cumsum(t, -1) - t  # items at lower distances
-  offset = jnp.pad(below(tot_all) + before - below(tot), ((0, 0), (0, 0), (0, 1)))  # far items: offset 0
-  sorted_d, sorted_rel = lax.sort((d, rel.astype(jnp.uint8)), dimension=1, is_stable=True, num_keys=1)
+  offset = jnp.cumsum(tot_all, -1) - tot_all + before - edges[..., :-1]
+  offset = jnp.pad(offset, ((0, 0), (0, 0), (0, 1)), constant_values=1 << 30)  # padding ranks after every item
   off = jnp.take_along_axis(offset, sorted_d[None].astype(jnp.int32), axis=2, mode="promise_in_bounds")
   rank = jnp.arange(1, d.shape[1] + 1, dtype=jnp.int32) + off[0]
-  hits = jnp.cumsum(sorted_rel, 1, dtype=jnp.int32) + off[1]
-  relevant = sorted_rel != 0
-  in_k = relevant & (rank <= top_k)
+  hits = rel_upto[:, 1:] + off[1]
+  in_k = (sorted_rel != 0) & (rank <= top_k)
   ap_sum = jnp.where(in_k, hits.astype(jnp.float32) / rank.astype(jnp.float32), 0.0).sum(1)
   n_rel = in_k.sum(1, dtype=jnp.int32)
-  pn = (relevant[..., None] & (rank[..., None] <= jnp.asarray(cutoffs, jnp.int32))).sum(1, dtype=jnp.int32)
+  within = search(rank, jnp.asarray(cutoffs, jnp.int32), "right")  # (qc, cutoffs): positions ranked <= N
+  pn = jnp.take_along_axis(rel_upto, within, 1)  # the shard's relevant items there
   if axis_name is not None:
     ap_sum, n_rel, pn = lax.psum((ap_sum, n_rel, pn), axis_name)
   return ap_sum, n_rel, pn, tot_all[0], tot_all[1]
