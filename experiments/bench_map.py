@@ -1,13 +1,16 @@
-"""Benchmark: the jitted stable mAP kernel against a NumPy per-query argsort loop, in the same run.
+"""Benchmark: the jitted stable mAP kernels against a NumPy per-query argsort loop and faiss, in the same run.
 
 Synthetic class-structured codes: each class has a random prototype code and every item flips each
 bit with probability --flip, so distances repeat a lot (many ties). The baseline has the
 reference's structure (one matvec and one argsort per query, float32 codes) but sorts with
-kind="stable", the tie order ours defines. Each side runs in its own subprocess so that its peak
-resident memory (ru_maxrss) is its own. Prints JSON.
+kind="stable", the tie order ours defines. The faiss column is `IndexBinaryFlat`'s top-k search
+alone (k = --faiss_k, --faiss_threads OpenMP threads; no AP): what a retrieval system pays just to
+rank. Each side runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own.
+Prints JSON.
 
   python experiments/bench_map.py --sizes cifar,imagenet --repeats 3
   python experiments/bench_map.py --sizes cifar --devices 2   # database sharded over 2 CPU devices (2 cores)
+  python experiments/bench_map.py --sizes cifar --kernels bitmask,sort   # both ranking kernels
   python experiments/bench_map.py --sizes custom --queries 5000 --db 1000000 --top_k 1000 \
       --baseline_queries 200   # GPU scale; the baseline runs on the first 200 queries only
 """
@@ -60,21 +63,12 @@ def _peak_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_kernel(data, top_k, repeats, chunk_size, devices, out):
-  """Times the kernel; with devices > 1 the database is sharded over that many devices.
-
-  XLA:CPU runs one device's program on one core, so on a CPU host this is how the kernel uses several
-  cores: the host is split into `devices` CPU devices (set before the backend starts; no effect on GPU).
-  """
+def time_kernel(data, top_k, repeats, chunk_size=None, mesh=None, kernel=None) -> dict:
+  """Times `metrics.mean_average_precision` in this process: the first call (compiling) and the best of `repeats`."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_num_cpu_devices", max(devices, 1))
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
   from hybridhash_jax import metrics  # pylint: disable=g-import-not-at-top
-  if len(jax.devices()) < devices:
-    raise ValueError(f"--devices {devices} but only {len(jax.devices())} {jax.default_backend()} devices")
-  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
   q_codes, q_labels, db_codes, db_labels = data
-  kw = dict(chunk_size=chunk_size, mesh=mesh)
+  kw = dict(chunk_size=chunk_size, mesh=mesh, kernel=kernel)
   t0 = time.perf_counter()
   first = float(metrics.mean_average_precision(q_codes, db_codes, q_labels, db_labels, top_k, **kw))
   compile_and_run = time.perf_counter() - t0
@@ -85,9 +79,24 @@ def run_kernel(data, top_k, repeats, chunk_size, devices, out):
     value = float(jax.block_until_ready(value))
     steady.append(time.perf_counter() - t0)
   assert value == first
-  out.put(dict(map=value, first_call_s=compile_and_run, steady_s=min(steady), steady_all_s=steady,
-               device=str(jax.devices()[0].device_kind), platform=jax.default_backend(), devices=devices,
-               peak_rss_mb=_peak_mb()))
+  return dict(kernel=kernel or metrics.default_kernel(mesh), map=value, first_call_s=compile_and_run,
+              steady_s=min(steady), steady_all_s=steady, device=str(jax.devices()[0].device_kind),
+              platform=jax.default_backend())
+
+
+def run_kernel(data, top_k, repeats, chunk_size, devices, kernel, out):
+  """Times the kernel; with devices > 1 the database is sharded over that many devices.
+
+  XLA:CPU runs one device's program on one core, so on a CPU host this is how the kernel uses several
+  cores: the host is split into `devices` CPU devices (set before the backend starts; no effect on GPU).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_num_cpu_devices", max(devices, 1))
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  if len(jax.devices()) < devices:
+    raise ValueError(f"--devices {devices} but only {len(jax.devices())} {jax.default_backend()} devices")
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
+  out.put(dict(time_kernel(data, top_k, repeats, chunk_size, mesh, kernel), devices=devices, peak_rss_mb=_peak_mb()))
 
 
 def run_baseline(data, top_k, out):
@@ -95,6 +104,21 @@ def run_baseline(data, top_k, out):
   t0 = time.perf_counter()
   aps = baseline_ap(q_codes, db_codes, q_labels, db_labels, top_k)
   out.put(dict(map=float(aps.mean()), time_s=time.perf_counter() - t0, peak_rss_mb=_peak_mb()))
+
+
+def run_faiss(data, k, threads, out):
+  """Times faiss's exact binary top-k search (codes packed to bytes, as faiss stores them)."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  faiss.omp_set_num_threads(threads)
+  q_codes, _, db_codes, _ = data
+  pack = lambda c: np.packbits(c >= 0, axis=1)
+  index = faiss.IndexBinaryFlat(db_codes.shape[1])
+  index.add(pack(db_codes))
+  queries = pack(q_codes)
+  k = min(k, len(db_codes))
+  t0 = time.perf_counter()
+  index.search(queries, k)
+  out.put(dict(k=k, threads=threads, time_s=time.perf_counter() - t0, peak_rss_mb=_peak_mb()))
 
 
 def _in_subprocess(target, *args):
@@ -111,17 +135,21 @@ def bench(name, spec, args):
   data = make_data(spec["queries"], spec["db"], spec["bits"], spec["classes"], args.flip)
   nb = min(args.baseline_queries or spec["queries"], spec["queries"])
   subset = (data[0][:nb], data[1][:nb], data[2], data[3])
-  kernel = _in_subprocess(run_kernel, data, spec["top_k"], args.repeats, args.chunk_size, args.devices)
+  kernels = [_in_subprocess(run_kernel, data, spec["top_k"], args.repeats, args.chunk_size, args.devices, k or None)
+             for k in args.kernels.split(",")]
+  kernel = kernels[0]
   kernel_subset = kernel if nb == spec["queries"] else _in_subprocess(run_kernel, subset, spec["top_k"], 1,
-                                                                       args.chunk_size, args.devices)
+                                                                       args.chunk_size, args.devices, kernel["kernel"])
   base = _in_subprocess(run_baseline, subset, spec["top_k"])
   base_full_s = base["time_s"] * spec["queries"] / nb
+  faiss_search = _in_subprocess(run_faiss, data, args.faiss_k, args.faiss_threads) if args.faiss_k else None
   return dict(
       size=name, **spec, flip=args.flip, baseline_queries=nb,
-      kernel=kernel, baseline=dict(base, time_s_scaled_to_all_queries=base_full_s),
+      kernels=kernels, baseline=dict(base, time_s_scaled_to_all_queries=base_full_s), faiss_search=faiss_search,
       map_kernel_on_baseline_queries=kernel_subset["map"],
       map_abs_diff=abs(kernel_subset["map"] - base["map"]),
-      speedup=base_full_s / kernel["steady_s"],
+      speedup={k["kernel"]: base_full_s / k["steady_s"] for k in kernels},
+      vs_faiss_search=faiss_search and {k["kernel"]: faiss_search["time_s"] / k["steady_s"] for k in kernels},
       load_average=os.getloadavg())
 
 
@@ -140,6 +168,10 @@ def main(argv):
   parser.add_argument("--chunk_size", type=int, default=None, help="queries per chunk (default: all, up to 8192)")
   parser.add_argument("--devices", type=int, default=1, help="shard the database over this many devices (on a "
                       "CPU host, that many CPU devices: one core each)")
+  parser.add_argument("--kernels", default="", help="comma list of ranking kernels to time (bitmask, sort; "
+                      "empty: the backend's default); the first is the one compared with the baseline")
+  parser.add_argument("--faiss_k", type=int, default=1000, help="faiss IndexBinaryFlat top-k search (0: skip)")
+  parser.add_argument("--faiss_threads", type=int, default=2, help="faiss OpenMP threads")
   args = parser.parse_args(argv)
   sizes = dict(SIZES, custom=dict(queries=args.queries, db=args.db, bits=args.bits, classes=args.classes,
                                   top_k=args.top_k))

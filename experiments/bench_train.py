@@ -39,24 +39,20 @@ PEAK_TFLOPS = {
 }
 
 
-def peak_tflops(kind: str, dtype: str) -> float | None:
-  if _PEAK.value:
-    return _PEAK.value
+def peak_tflops(kind: str, dtype: str, override: float | None = None) -> float | None:
+  if override:
+    return override
   for (prefix, dt), value in PEAK_TFLOPS.items():
     if kind.startswith(prefix) and dt == dtype:
       return value
   return None
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  if _BATCH.value:
-    config.batch_size = _BATCH.value
-  if _DTYPE.value:
-    config.model.dtype = _DTYPE.value
+def measure(config, *, steps: int = 20, warmup: int = 3, train_size: int = 10000, compile_only: bool = False,
+            peak: float | None = None) -> dict:
+  """Compiles the config's train step on synthetic batches and times it; returns the JSON fields."""
   mesh = sharding.make_mesh(config.mesh)
-  n, c, size = _TRAIN_SIZE.value, config.data.num_classes, config.model.img_size
+  n, c, size = train_size, config.data.num_classes, config.model.img_size
   splits = input_pipeline.Splits(train=range(n), query=range(0), database=range(0), num_classes=c, top_k=-1,
                                  name="synthetic")
   config.num_train_steps = 10**6
@@ -82,31 +78,40 @@ def main(argv):
   xla_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                         - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   dev = jax.devices()[0]
-  if _COMPILE_ONLY.value:
-    print(json.dumps(dict(device_kind=dev.device_kind, config_img_size=size, dtype=config.model.dtype, batch_size=b,
-                          compile_s=compile_s, flops_per_step_per_device=flops,
-                          xla_step_memory_bytes=xla_bytes), indent=1))
-    return
-  for _ in range(_WARMUP.value):
+  if compile_only:
+    return dict(device_kind=dev.device_kind, config_img_size=size, dtype=config.model.dtype, batch_size=b,
+                compile_s=compile_s, flops_per_step_per_device=flops, xla_step_memory_bytes=xla_bytes)
+  for _ in range(max(warmup, 1)):  # at least one, untimed
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
   t0 = time.perf_counter()
-  for _ in range(_STEPS.value):
+  for _ in range(steps):
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / _STEPS.value
+  dt = (time.perf_counter() - t0) / steps
 
   kind = dev.device_kind
-  peak = peak_tflops(kind, config.model.dtype)
+  peak = peak_tflops(kind, config.model.dtype, peak)
   achieved = flops / dt / 1e12  # the compiled program is one device's partition of the step
   stats = dev.memory_stats() or {}
-  print(json.dumps(dict(
+  return dict(
       device_kind=kind, platform=dev.platform, num_devices=jax.device_count(), config_img_size=size,
       dtype=config.model.dtype, batch_size=b, step_s=dt, images_per_s=b / dt, compile_s=compile_s,
       flops_per_step_per_device=flops, tflops_per_s_per_device=achieved, peak_tflops_per_device=peak,
       mfu=(achieved / peak) if peak else None, loss=float(m["loss"]),
       peak_device_memory_bytes=stats.get("peak_bytes_in_use"), xla_step_memory_bytes=xla_bytes,
-      host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), indent=1))
+      host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _BATCH.value:
+    config.batch_size = _BATCH.value
+  if _DTYPE.value:
+    config.model.dtype = _DTYPE.value
+  print(json.dumps(measure(config, steps=_STEPS.value, warmup=_WARMUP.value, train_size=_TRAIN_SIZE.value,
+                           compile_only=_COMPILE_ONLY.value, peak=_PEAK.value), indent=1))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
       hash_global=True,  # False: the hash layer without its global-attention branch.
       dtype="float32",  # compute dtype; "bfloat16" on accelerators.
       param_dtype="float32",
+      attention="einsum",  # "xla" | "cudnn" (GPU, bfloat16): jax.nn.dot_product_attention; same outputs.
+      remat="none",  # "full" | "dots": recompute each transformer layer in the backward pass; same outputs.
   ))
 
   c.data = ml_collections.ConfigDict(dict(

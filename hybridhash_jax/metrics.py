@@ -29,6 +29,11 @@ runs a device's kernels one core at a time unless they are independent: the seco
 by two so that one block's distances run beside the other's gathers. Sharding the database over CPU
 devices (below) is how this uses more cores.
 
+Accelerators. On a GPU or TPU those scans would launch thousands of tiny kernels, so `kernel="sort"`
+(the default off CPU, see `default_kernel`) ranks a query chunk in a few wide ones instead: a uint8
+distance matrix, per-distance counts, and one stable sort per query (see `_sorted_chunk_counts`).
+Both kernels give the same counts; tests force the sort kernel on CPU.
+
 Sharding. With a `Mesh`, the database is split over `axis_name` (contiguous index ranges); each
 device counts its shard, the per-device histograms are all-gathered to give every shard its
 offset (items of earlier shards at each distance), and the per-query sums are psum-ed.
@@ -52,6 +57,8 @@ _HIST_GROUP = 4  # blocks per histogram step: fewer, wider steps cost less
 _PACKED_RANK_LIMIT = (1 << 16) - _BLOCK  # ranks that matter all below this: the rank table's counts fit 16 bits
 DEFAULT_CUTOFFS = tuple(range(100, 1001, 100))  # precision@N curve points
 _CHUNK = 8192  # most queries per chunk by default: wide steps amortise the scans' per-step cost (a few KB per query)
+_SORT_PAIRS = 1 << 27  # most (query, shard item) pairs per chunk of the sort kernel: some 20 bytes each
+KERNELS = ("bitmask", "sort")  # the scans tuned to XLA:CPU, and the sort for accelerators
 
 
 def pack_codes(codes) -> np.ndarray:
@@ -166,6 +173,15 @@ def _rank_table(tot_all, before, cap):
           lambda got: (got[..., 0] & 0xFFFF, got[..., 0] >> 16))
 
 
+def _shard_offsets(tot, axis_name):
+  """This shard's per-distance counts -> (those of the earlier shards, those of all shards), summed."""
+  if axis_name is None:
+    return 0, tot
+  every = lax.all_gather(tot, axis_name)  # (shards, *tot.shape)
+  earlier = (jnp.arange(every.shape[0]) < lax.axis_index(axis_name)).reshape(-1, *(1,) * tot.ndim)
+  return (every * earlier).sum(0), every.sum(0)
+
+
 def _chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, cap, axis_name):
   """Per-query sums for one query chunk (queries on the minor axis) against one database shard.
 
@@ -181,12 +197,7 @@ def _chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets,
 
   groups = jax.tree.map(lambda x: x.reshape(-1, _HIST_GROUP, *x.shape[1:]), (db_words, db_labels, valid))
   tot, _ = lax.scan(histogram, jnp.zeros((2, num_buckets, qc), jnp.int32), groups)
-  if axis_name is None:
-    before, tot_all = 0, tot
-  else:
-    every = lax.all_gather(tot, axis_name)  # (shards, 2, V, qc)
-    earlier = (jnp.arange(every.shape[0]) < lax.axis_index(axis_name))[:, None, None, None]
-    before, tot_all = (every * earlier).sum(0), every.sum(0)
+  before, tot_all = _shard_offsets(tot, axis_name)
   fields, advance, unpack = _rank_table(tot_all, before, cap)
   item = jnp.arange(_BLOCK, dtype=jnp.uint32)[:, None]
   upto = jnp.uint32(0xFFFFFFFF) >> (_BLOCK - 1 - item)  # bits 0..t
@@ -223,18 +234,56 @@ def _chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets,
   return ap_sum, n_rel, pn, tot_all[0].T, tot_all[1].T
 
 
-@functools.partial(jax.jit, static_argnames=("num_buckets", "top_k", "cutoffs", "cap", "chunk_size", "mesh",
+def _sorted_chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, axis_name):
+  """The accelerator path of `_chunk_counts` (same arguments and results): a few wide kernels, no scans.
+
+  The chunk's (queries, items) distances are a uint8 matrix (uint16 past 254 bits); one stable sort per
+  query carries relevance along, so an item's position in its shard's order is its rank there
+  (distance, then index), and a running sum of the sorted relevance its relevant count. Binary
+  searches of the sorted distances give the per-distance counts (no (queries, items, distances)
+  one-hot). The global rank adds, per distance, the items of all shards at lower distances and those
+  of earlier shards at its own, less the shard's own items at lower distances; relevant counts
+  likewise. Ranks grow along a query's sorted row, so the hits at each cutoff are a search too.
+  """
+  words, labels = (x.reshape(-1, x.shape[-1]) for x in (db_words, db_labels))
+  d = sum(lax.population_count(q_words[w][:, None] ^ words[None, :, w]) for w in range(words.shape[1]))
+  d = jnp.where(valid.reshape(1, -1), d, num_buckets).astype(jnp.uint8 if num_buckets < 255 else jnp.uint16)
+  rel = functools.reduce(jnp.bitwise_or, [q_labels[w][:, None] & labels[None, :, w] for w in range(labels.shape[1])]) != 0
+  sorted_d, sorted_rel = lax.sort((d, rel.astype(jnp.uint8)), dimension=1, is_stable=True, num_keys=1)
+  search = jax.vmap(jnp.searchsorted, in_axes=(0, None, None))
+  below = search(sorted_d, jnp.arange(num_buckets + 1, dtype=d.dtype), "left")  # (qc, V + 1): items at d < v
+  rel_upto = jnp.pad(jnp.cumsum(sorted_rel, 1, dtype=jnp.int32), ((0, 0), (1, 0)))  # (qc, n + 1): relevant items before a position
+  edges = jnp.stack([below, jnp.take_along_axis(rel_upto, below, 1)])  # items (relevant ones) at d < v
+  tot = jnp.diff(edges, axis=-1)  # (2, qc, V); far (padding) items are past the last bucket
+  before, tot_all = _shard_offsets(tot, axis_name)
+  offset = jnp.cumsum(tot_all, -1) - tot_all + before - edges[..., :-1]
+  offset = jnp.pad(offset, ((0, 0), (0, 0), (0, 1)), constant_values=1 << 30)  # padding ranks after every item
+  off = jnp.take_along_axis(offset, sorted_d[None].astype(jnp.int32), axis=2, mode="promise_in_bounds")
+  rank = jnp.arange(1, d.shape[1] + 1, dtype=jnp.int32) + off[0]
+  hits = rel_upto[:, 1:] + off[1]
+  in_k = (sorted_rel != 0) & (rank <= top_k)
+  ap_sum = jnp.where(in_k, hits.astype(jnp.float32) / rank.astype(jnp.float32), 0.0).sum(1)
+  n_rel = in_k.sum(1, dtype=jnp.int32)
+  within = search(rank, jnp.asarray(cutoffs, jnp.int32), "right")  # (qc, cutoffs): positions ranked <= N
+  pn = jnp.take_along_axis(rel_upto, within, 1)  # the shard's relevant items there
+  if axis_name is not None:
+    ap_sum, n_rel, pn = lax.psum((ap_sum, n_rel, pn), axis_name)
+  return ap_sum, n_rel, pn, tot_all[0], tot_all[1]
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "num_buckets", "top_k", "cutoffs", "cap", "chunk_size", "mesh",
                                              "axis_name"))
-def _ranking_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, cap, chunk_size,
-                    mesh, axis_name):
+def _ranking_counts(q_words, q_labels, db_words, db_labels, valid, *, kernel, num_buckets, top_k, cutoffs, cap,
+                    chunk_size, mesh, axis_name):
   nq = q_words.shape[0]
   pad = -nq % chunk_size
   q_words = jnp.pad(q_words, ((0, pad), (0, 0))).reshape(-1, chunk_size, q_words.shape[1]).transpose(0, 2, 1)
   q_labels = jnp.pad(q_labels, ((0, pad), (0, 0))).reshape(-1, chunk_size, q_labels.shape[1]).transpose(0, 2, 1)
-  kw = dict(num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs, cap=cap)
+  kw = dict(num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs)
+  chunk_counts = functools.partial(_chunk_counts, cap=cap) if kernel == "bitmask" else _sorted_chunk_counts
 
   def run(q_words, q_labels, db_words, db_labels, valid, axis_name):
-    return lax.map(lambda q: _chunk_counts(*q, db_words, db_labels, valid, axis_name=axis_name, **kw),
+    return lax.map(lambda q: chunk_counts(*q, db_words, db_labels, valid, axis_name=axis_name, **kw),
                    (q_words, q_labels))
 
   if mesh is None:
@@ -247,16 +296,27 @@ def _ranking_counts(q_words, q_labels, db_words, db_labels, valid, *, num_bucket
   return tuple(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:nq] for x in out)
 
 
+def default_kernel(mesh: Mesh | None = None) -> str:
+  """The ranking kernel that suits the devices: the bitmask scans on CPU, one sort per chunk elsewhere."""
+  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  return "bitmask" if platform == "cpu" else "sort"
+
+
 def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,
-                   chunk_size=None, mesh: Mesh | None = None, axis_name: str = "data", num_bits=None) -> dict:
+                   chunk_size=None, mesh: Mesh | None = None, axis_name: str = "data", num_bits=None,
+                   kernel: str | None = None) -> dict:
   """Per-query exact counts under the stable Hamming ranking, as device arrays.
 
   Returns ap (Q,), hits_in_top_k (Q,) (relevant items within the top K), hits_at_cutoffs (Q, len(cutoffs))
   (relevant items within the top N for each cutoff N), hist and rel_hist (Q, bits + 1) (database and
   relevant items at each distance), and the resolved top_k.
-  `chunk_size` queries are processed at a time (any size; default: equal chunks of at most 8192). With `mesh`,
-  the database is sharded over `axis_name`.
+  `chunk_size` queries are processed at a time (any size; default: equal chunks of at most 8192, fewer for
+  the sort kernel on a large database). With `mesh`, the database is sharded over `axis_name`. `kernel` is
+  one of KERNELS (default: `default_kernel(mesh)`); both give the same counts.
   """
+  kernel = default_kernel(mesh) if kernel is None else kernel
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
   q_words, bits = _codes_and_bits(query_codes, num_bits, "query_codes")
   db_words, db_bits = _codes_and_bits(db_codes, num_bits, "db_codes")
   if bits != db_bits or q_words.shape[1] != db_words.shape[1]:
@@ -283,7 +343,8 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   num_blocks = -(-max(n, 1) // (_BLOCK * shards * _HIST_GROUP)) * shards * _HIST_GROUP
   if chunk_size is None:
     nq = max(len(q_words), 1)
-    chunk_size = -(-nq // -(-nq // _CHUNK))  # equal chunks of at most _CHUNK
+    most = _CHUNK if kernel == "bitmask" else max(1, _SORT_PAIRS // (num_blocks // shards * _BLOCK))
+    chunk_size = -(-nq // -(-nq // most))  # equal chunks of at most `most`
   valid = (np.arange(num_blocks * _BLOCK) < n).reshape(num_blocks, _BLOCK)
   args = (q_words, q_lab, _block_layout(db_words, num_blocks), _block_layout(db_lab, num_blocks), valid)
   if mesh is not None:
@@ -295,7 +356,7 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   # below cap, which is exact, and a saturated entry gives a rank above rank_limit.
   rank_limit = min(max((top_k, *cutoffs)), n)
   ap_sum, n_rel, pn, hist, rhist = _ranking_counts(
-      *args, num_buckets=bits + 1, top_k=top_k, cutoffs=cutoffs,
+      *args, kernel=kernel, num_buckets=bits + 1, top_k=top_k, cutoffs=cutoffs,
       cap=rank_limit if rank_limit < _PACKED_RANK_LIMIT else None, chunk_size=int(chunk_size), mesh=mesh,
       axis_name=axis_name if mesh is not None else None)
   ap = jnp.where(n_rel > 0, ap_sum / jnp.maximum(n_rel, 1), 0.0)
@@ -303,10 +364,10 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
 
 
 def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_k=None, *, chunk_size=None,
-                           mesh: Mesh | None = None, axis_name: str = "data", num_bits=None):
+                           mesh: Mesh | None = None, axis_name: str = "data", num_bits=None, kernel=None):
   """mAP@top_k under the stable Hamming ranking (a device scalar). See the module docstring."""
   counts = ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k, cutoffs=(), chunk_size=chunk_size,
-                          mesh=mesh, axis_name=axis_name, num_bits=num_bits)
+                          mesh=mesh, axis_name=axis_name, num_bits=num_bits, kernel=kernel)
   return counts["ap"].mean()
 
 
@@ -381,7 +442,7 @@ def pr_curve_by_radius(hist, rel_hist) -> dict:
 
 def retrieval_metrics(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,
                       chunk_size=None, mesh: Mesh | None = None, axis_name: str = "data",
-                      num_bits=None) -> dict:
+                      num_bits=None, kernel=None) -> dict:
   """Everything for `results.json`, as Python floats and NumPy arrays.
 
   map (stable ranking), map_tie_aware, precision_at_n {n, precision}, pr_curve {radius, precision,
@@ -389,7 +450,7 @@ def retrieval_metrics(query_codes, db_codes, query_labels, db_labels, top_k=None
   """
   counts = jax.device_get(ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k, cutoffs=cutoffs,
                                          chunk_size=chunk_size, mesh=mesh, axis_name=axis_name,
-                                         num_bits=num_bits))
+                                         num_bits=num_bits, kernel=kernel))
   pr = pr_curve_by_radius(counts["hist"], counts["rel_hist"])
   n = np.asarray(cutoffs, np.float64)
   return dict(

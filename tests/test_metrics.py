@@ -59,18 +59,20 @@ CASES = [  # seed, queries, database, bits, classes, multi-label, top_k, chunk
 ]
 
 
+@pytest.mark.parametrize("kernel", metrics.KERNELS)
 @pytest.mark.parametrize("seed,nq,ndb,bits,classes,multi,top_k,chunk", CASES)
-def test_matches_numpy_reference(seed, nq, ndb, bits, classes, multi, top_k, chunk):
+def test_matches_numpy_reference(seed, nq, ndb, bits, classes, multi, top_k, chunk, kernel):
   q, db, ql, dbl = _data(seed, nq, ndb, bits, classes, multi)
   cutoffs = (1, 3, 10, 64, ndb + 5)
   ref = _reference(q, db, ql, dbl, top_k, cutoffs)
-  got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, top_k, cutoffs=cutoffs, chunk_size=chunk))
+  got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, top_k, cutoffs=cutoffs, chunk_size=chunk,
+                                              kernel=kernel))
   np.testing.assert_allclose(got["ap"], ref["ap"], atol=1e-6)
   assert got["ap"][0] == 0  # the query without labels
   np.testing.assert_array_equal(got["hist"], ref["hist"])
   np.testing.assert_array_equal(got["rel_hist"], ref["rel_hist"])
   np.testing.assert_allclose(got["hits_at_cutoffs"] / np.asarray(cutoffs), ref["pn"], atol=1e-12)
-  m = metrics.retrieval_metrics(q, db, ql, dbl, top_k, cutoffs=cutoffs, chunk_size=chunk)
+  m = metrics.retrieval_metrics(q, db, ql, dbl, top_k, cutoffs=cutoffs, chunk_size=chunk, kernel=kernel)
   assert isinstance(m["map"], float) and isinstance(m["precision_at_radius_2"], float)
   assert abs(m["map"] - ref["ap"].mean()) < 1e-6
   np.testing.assert_allclose(m["precision_at_n"]["precision"], ref["pn"].mean(0), atol=1e-12)
@@ -103,12 +105,14 @@ def test_packed_codes_and_class_ids_give_the_same_counts():
   np.testing.assert_allclose(packed["ap"][1:], plain["ap"][1:], atol=1e-7)
 
 
+@pytest.mark.parametrize("kernel", metrics.KERNELS)
 @pytest.mark.parametrize("devices,ndb", [(2, 777), (4, 777), (4, 40)])  # 40: the last shards are all padding
-def test_sharded_database_matches_reference(devices, ndb):
+def test_sharded_database_matches_reference(devices, ndb, kernel):
   q, db, ql, dbl = _data(5, 11, ndb, 10, 5, True)
   mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
   ref = _reference(q, db, ql, dbl, 100, (5, 50))
-  got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, 100, cutoffs=(5, 50), chunk_size=4, mesh=mesh))
+  got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, 100, cutoffs=(5, 50), chunk_size=4, mesh=mesh,
+                                              kernel=kernel))
   np.testing.assert_allclose(got["ap"], ref["ap"], atol=1e-6)
   np.testing.assert_array_equal(got["hist"], ref["hist"])
   np.testing.assert_allclose(got["hits_at_cutoffs"] / np.array([5, 50]), ref["pn"], atol=1e-12)
@@ -129,7 +133,8 @@ def test_hand_computed_stable_ap():
   np.testing.assert_array_equal(metrics.top_indices(HAND_Q, HAND_DB, 4), [[1, 4, 0, 2]])
 
 
-def test_one_tie_group_across_blocks_ranks_by_index():
+@pytest.mark.parametrize("kernel", metrics.KERNELS)
+def test_one_tie_group_across_blocks_ranks_by_index(kernel):
   # Identical codes: every item ties, so rank = index + 1 across all scan blocks. Items 2, 5, 8, ... are
   # relevant: the k-th of them sits at rank 3k, so every precision is k / 3k and AP = 1/3 exactly;
   # with K = 100 the relevant ones within it are the first 33.
@@ -138,10 +143,28 @@ def test_one_tie_group_across_blocks_ranks_by_index():
   dbl = np.zeros((n, 2), np.float32)
   dbl[2::3, 0], dbl[np.arange(n) % 3 != 2, 1] = 1, 1
   got = jax.device_get(metrics.ranking_counts(np.ones((1, 8), np.float32), db, np.array([[1, 0]], np.float32), dbl,
-                                              100, cutoffs=(3, 4, 130)))
+                                              100, cutoffs=(3, 4, 130), kernel=kernel))
   assert got["ap"][0] == pytest.approx(1 / 3, abs=1e-7)
   assert got["hits_in_top_k"][0] == 33
   np.testing.assert_array_equal(got["hits_at_cutoffs"][0], [1, 1, 43])
+
+
+@pytest.mark.parametrize("seed,nq,ndb,bits,classes,multi,top_k,chunk", CASES)
+def test_sort_kernel_equals_bitmask_kernel(seed, nq, ndb, bits, classes, multi, top_k, chunk):
+  # Every count is equal; the APs differ at most by float32 summation order.
+  q, db, ql, dbl = _data(seed, nq, ndb, bits, classes, multi)
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  scan, srt = (jax.device_get(metrics.ranking_counts(q, db, ql, dbl, top_k, cutoffs=(2, 30), chunk_size=chunk,
+                                                     mesh=mesh, kernel=k)) for k in metrics.KERNELS)
+  for key in ("hits_in_top_k", "hits_at_cutoffs", "hist", "rel_hist"):
+    np.testing.assert_array_equal(srt[key], scan[key], err_msg=key)
+  np.testing.assert_allclose(srt["ap"], scan["ap"], rtol=1e-6)
+
+
+def test_kernel_follows_the_backend():
+  assert metrics.default_kernel() == "bitmask"  # the tests run on CPU
+  with pytest.raises(ValueError, match="kernel must be one of"):
+    metrics.ranking_counts(HAND_Q, HAND_DB, HAND_QL, HAND_DBL, kernel="argsort")
 
 
 def test_hand_computed_tie_aware_ap():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybridhash_jax import config_lib, convert, models
+from hybridhash_jax import checkpoints, config_lib, convert, models
 from hybridhash_jax.models import (
     HybridHash, from_config, hybridhash_paper, hybridhash_tiny32, hybridhash_tiny112, model_config)
 from hybridhash_jax.models import hybridhash as hh
@@ -148,3 +148,50 @@ def test_init_follows_the_reference():
 def test_default_module_is_the_paper_model():
   assert HybridHash() == hybridhash_paper(64)
   assert hybridhash_paper(64).block == 14 and hybridhash_tiny32().block == 4
+
+
+def _tiny_with_grads(**switches):
+  """Codes (train mode, drop path on) and parameter gradients of the tiny model with these switches."""
+  model = hybridhash_tiny32(drop_path_rate=0.3, **switches)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  params = jax.jit(hybridhash_tiny32().init)(jax.random.key(0), x)["params"]
+
+  def loss(p):
+    codes = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(3)})
+    return (codes * jnp.arange(codes.shape[1])).sum(), codes
+
+  (_, codes), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  assert jax.tree.structure(models.abstract_params(model)) == jax.tree.structure(params)  # same param tree
+  return np.asarray(codes), grads
+
+
+def test_xla_attention_equals_the_einsum_attention():
+  codes, grads = _tiny_with_grads()
+  xla_codes, xla_grads = _tiny_with_grads(attention="xla")
+  np.testing.assert_allclose(xla_codes, codes, rtol=0, atol=2e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), xla_grads, grads)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_outputs_and_gradients(remat):
+  codes, grads = _tiny_with_grads()
+  r_codes, r_grads = _tiny_with_grads(remat=remat)
+  np.testing.assert_allclose(r_codes, codes, rtol=0, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-7), r_grads, grads)
+
+
+def test_bad_attention_and_remat_name_the_field():
+  with pytest.raises(ValueError, match="attention = 'cudnn' needs a GPU"):
+    hybridhash_tiny32(attention="cudnn", dtype="bfloat16")  # the tests run on CPU
+  with pytest.raises(ValueError, match="attention"):
+    hybridhash_tiny32(attention="flash")
+  with pytest.raises(ValueError, match="remat"):
+    hybridhash_tiny32(remat="all")
+
+
+def test_attention_and_remat_are_not_checked_model_fields():
+  # They change no output, so a checkpoint written with one setting restores under another.
+  saved = config_lib.base_config().to_dict()
+  config = config_lib.base_config()
+  config.model.attention, config.model.remat = "xla", "full"
+  checkpoints.check_compatible(saved, config.to_dict(), "here", checkpoints.RESUME_FIELDS)

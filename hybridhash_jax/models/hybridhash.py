@@ -22,13 +22,18 @@ from hybridhash_jax.models.nest_blocks import (
 GLOBAL_HEADS = 8  # the reference's global attention always uses 8 heads
 TOKEN_LAYOUTS = ("reference", "spatial")
 DTYPES = ("float32", "bfloat16")
-CHOICES = {"token_layout": TOKEN_LAYOUTS, "dtype": DTYPES, "param_dtype": DTYPES}  # config_lib checks these
+ATTENTIONS = ("einsum", "xla", "cudnn")  # the transformer layers' attention (see `multi_head_attention`)
+# Rematerialisation per transformer layer: "full" saves only its input, "dots" also its matmul outputs.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+CHOICES = {"token_layout": TOKEN_LAYOUTS, "dtype": DTYPES, "param_dtype": DTYPES,  # config_lib checks these
+           "attention": ATTENTIONS, "remat": tuple(REMAT_POLICIES)}
 # The fields that fix the parameters and the outputs, which a checkpoint must match (checkpoints.py),
 # and those free to differ between runs of one model (training-only or numerical settings).
 # Together they are the model's config fields (`CONFIG_FIELDS`, below the class; a test checks).
 ARCHITECTURE_FIELDS = ("img_size", "patch_size", "embed_dims", "num_heads", "depths", "bits", "mlp_ratio",
                        "interaction", "hash_global", "token_layout")
-RUNTIME_FIELDS = ("drop_path_rate", "dtype", "param_dtype")
+RUNTIME_FIELDS = ("drop_path_rate", "dtype", "param_dtype", "attention", "remat")
 
 
 def _conv(features, kernel, padding, name, dtype, param_dtype, use_bias=True, strides=1):
@@ -132,10 +137,15 @@ class Level(nn.Module):
   token_layout: str
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention: str = "einsum"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    layer = TransformerLayer
+    if self.remat != "none":  # the same params and outputs; `train` (argument 2, after self and x) is static
+      layer = nn.remat(TransformerLayer, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
     if self.pool_kind != "none":
       x = Interaction(self.embed_dim, self.block, self.token_layout, self.pool_kind == "interaction",
                       name="pool", **kw)(x)
@@ -143,7 +153,8 @@ class Level(nn.Module):
     pos = self.param("pos_embed", weight_init, (1,) + x.shape[1:], self.param_dtype)
     x = x + pos.astype(x.dtype)
     for j, rate in enumerate(self.drop_paths):
-      x = TransformerLayer(self.num_heads, self.mlp_ratio, rate, name=f"transformer_encoder_{j}", **kw)(x, train)
+      x = layer(self.num_heads, self.mlp_ratio, rate, name=f"transformer_encoder_{j}", attention=self.attention,
+                **kw)(x, train)
     return deblockify(x, self.block)
 
 
@@ -202,6 +213,8 @@ class HybridHash(nn.Module):
   hash_global: bool = True
   dtype: Any = "float32"
   param_dtype: Any = "float32"
+  attention: str = "einsum"  # ATTENTIONS; neither this nor remat changes params or outputs
+  remat: str = "none"  # a key of REMAT_POLICIES
 
   def __post_init__(self):
     _validate(self)
@@ -224,7 +237,7 @@ class HybridHash(nn.Module):
     for i, (dim, heads, depth) in enumerate(zip(self.embed_dims, self.num_heads, self.depths)):
       pool = "none" if i == 0 else ("interaction" if self.interaction else "conv")
       x = Level(dim, heads, self.block, tuple(rates[start:start + depth]), self.mlp_ratio, pool,
-                self.token_layout, name=f"levels_{i}", **kw)(x, train)
+                self.token_layout, name=f"levels_{i}", attention=self.attention, remat=self.remat, **kw)(x, train)
       start += depth
     features = layer_norm("norm", **kw)(x)
     codes = HashLayer(self.bits, self.token_layout, self.hash_global, name="hashlayer", **kw)(features)
@@ -269,6 +282,9 @@ def _validate(m: HybridHash) -> None:
     raise errors.ConfigError(f"drop_path_rate = {m.drop_path_rate} must be in [0, 1)")
   if m.mlp_ratio <= 0:
     raise errors.ConfigError(f"mlp_ratio = {m.mlp_ratio} must be > 0")
+  if m.attention == "cudnn" and (jax.default_backend() != "gpu" or jnp.dtype(m.dtype) == jnp.float32):
+    raise errors.ConfigError(f"attention = 'cudnn' needs a GPU and dtype bfloat16 or float16 (backend "
+                             f"{jax.default_backend()}, dtype {jnp.dtype(m.dtype).name}); use 'xla' or 'einsum'")
 
 
 def from_config(model_cfg: Mapping[str, Any]) -> HybridHash:

@@ -41,15 +41,21 @@ def deblockify(x: jax.Array, block: int) -> jax.Array:
   return x.reshape(b, grid * block, grid * block, c)
 
 
-def multi_head_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
+def multi_head_attention(qkv: jax.Array, num_heads: int, implementation: str = "einsum") -> jax.Array:
   """Softmax attention over axis -2 of `qkv` (..., N, 3C); returns (..., N, C) head-minor.
 
-  Logits and softmax are float32 whatever the compute dtype; the value product is not.
+  "einsum": logits and softmax are float32 whatever the compute dtype; the value product is not.
+  "xla" | "cudnn": `jax.nn.dot_product_attention` with that implementation, the leading (batch and
+  block) axes folded into its batch axis; cuDNN's fused kernel is for GPUs in bfloat16 or float16.
   """
   *lead, n, c3 = qkv.shape
   c = c3 // 3
   d = c // num_heads
   q, k, v = jnp.moveaxis(qkv.reshape(*lead, n, 3, num_heads, d), -3, 0)
+  if implementation != "einsum":
+    q, k, v = (t.reshape(-1, n, num_heads, d) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)  # (B', N, heads, d)
+    return out.swapaxes(-1, -2).reshape(*lead, n, c)
   logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(logits * d ** -0.5, axis=-1).astype(v.dtype)
   # Writing the output as (..., q, d, h) is the head-minor merge, with no extra transpose.
@@ -62,11 +68,12 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  implementation: str = "einsum"  # see `multi_head_attention`
 
   @nn.compact
   def __call__(self, x):
     c, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = multi_head_attention(dense(3 * c, "qkv", **kw)(x), self.num_heads)
+    y = multi_head_attention(dense(3 * c, "qkv", **kw)(x), self.num_heads, self.implementation)
     return dense(c, "proj", **kw)(y)
 
 
@@ -89,6 +96,7 @@ class TransformerLayer(nn.Module):
   drop_path: float
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention: str = "einsum"  # see `multi_head_attention`
 
   def _drop_path(self, y, train):
     if not train or self.drop_path == 0.0:
@@ -101,7 +109,7 @@ class TransformerLayer(nn.Module):
   def __call__(self, x, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = layer_norm("norm1", **kw)(x)
-    x = x + self._drop_path(Attention(self.num_heads, name="attn", **kw)(y), train)
+    x = x + self._drop_path(Attention(self.num_heads, name="attn", implementation=self.attention, **kw)(y), train)
     y = layer_norm("norm2", **kw)(x)
     hidden = int(x.shape[-1] * self.mlp_ratio)
     return x + self._drop_path(Mlp(hidden, name="mlp", **kw)(y), train)
