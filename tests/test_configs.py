@@ -299,7 +299,8 @@ def test_checkpoint_check_refuses_each_architecture_field_only():
   config = config_lib.base_config().to_dict()
   other = {"img_size": 112, "patch_size": 2, "embed_dims": (64, 128, 256), "num_heads": (2, 4, 8),
            "depths": (2, 2, 3), "bits": 32, "mlp_ratio": 2.0, "interaction": False, "hash_global": False,
-           "token_layout": "spatial", "drop_path_rate": 0.1, "dtype": "bfloat16", "param_dtype": "bfloat16"}
+           "token_layout": "spatial", "drop_path_rate": 0.1, "dtype": "bfloat16", "param_dtype": "bfloat16",
+           "attention": "xla", "remat": "full"}
   assert set(other) == set(models.CONFIG_FIELDS)
   for field, value in other.items():
     changed = {**config, "model": {**config["model"], field: value}}
