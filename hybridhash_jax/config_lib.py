@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
       token_layout="reference",  # "reference" reproduces the global-attention quirk; "spatial" is the clean form.
       interaction=True,  # False: NesT's plain conv-LN-maxpool between levels.
       hash_global=True,  # False: the hash layer without its global-attention branch.
+      hash_init_std=0.02,  # std of the hash layer's last conv at init: the reference's 0.02 starts codes near 0.
       dtype="float32",  # compute dtype; "bfloat16" on accelerators.
       param_dtype="float32",
   ))
@@ -52,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       alpha=0.5,
       memory_bank_size=-1,  # -1: the training-set size; 10000 reproduces the reference's CIFAR quirk.
+      # From-scratch recipe (configs without NesT-B); the defaults are the paper's.
+      bank_init="zeros",  # zeros (paper) | codes: the model's own codes of the training set before step 1
+      quantization_weight=0.0,  # > 0 adds this times mean((|u| - 1)^2) to the loss; 0 in the paper
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -85,6 +89,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "optimizer.name": ("rmsprop", "adamw"),
     "optimizer.schedule": ("constant", "warmup_cosine"),
+    "loss.bank_init": ("zeros", "codes"),
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
              "model.bits", "optimizer.learning_rate")
@@ -107,5 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in _POSITIVE:
     if not _get(config, field) > 0:
       raise ValueError(f"config.{field}={_get(config, field)!r} must be > 0")
+  if not config.loss.quantization_weight >= 0:
+    raise ValueError(f"config.loss.quantization_weight={config.loss.quantization_weight!r} must be >= 0")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("config.num_epochs must be > 0 (or set config.num_train_steps)")
