@@ -18,6 +18,7 @@ def get_config():
                  bits=32, drop_path_rate=0.0)
   c.data.update(name="digits", num_classes=10, query_per_class=20, train_per_class=100, num_workers=0)
   c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=1e-4)
+  config_lib.from_scratch(c)
   c.batch_size = 50
   c.eval_batch_size = 200
   c.num_epochs = 30  # 20 steps an epoch

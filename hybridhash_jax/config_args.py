@@ -109,7 +109,8 @@ def parse(arg: str | None, spec: dict[str, Arg], where: str = "config") -> ml_co
 
 
 def apply_common(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
-  """Sets bits, the ablation switches and, with `runlocal`, a tiny model and run that fit a CPU.
+  """Sets bits, the ablation switches and, with `runlocal`, a tiny model and run that fit a CPU, trained
+  with the from-scratch recipe (`config_lib.from_scratch`).
 
   The compute dtype defaults to bfloat16 (TPU/GPU), but to float32 with `runlocal`: CPUs emulate
   bfloat16 matmuls, slowly.
@@ -129,6 +130,7 @@ def apply_common(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) 
     c.log_every_steps = 5
     c.checkpoint_every_steps = 10
     c.data.num_workers = 0
+    config_lib.from_scratch(c)
 
 
 def listfile_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
