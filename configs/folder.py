@@ -26,7 +26,6 @@ def get_config():
   c.model.update(img_size=32, patch_size=4, embed_dims=(32, 64, 128), num_heads=(2, 4, 8), depths=(1, 1, 1),
                  bits=32, drop_path_rate=0.0)
   c.data.update(name="folder", root="", num_classes=-1, query_per_class=50, train_per_class=-1, num_workers=2)
-  c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=1e-4)
   config_lib.from_scratch(c)
   c.batch_size = 32
   c.eval_batch_size = 128

@@ -98,13 +98,13 @@ def test_paper_defaults_keep_the_reference_loss_and_bank():
 
 def test_runlocal_paper_shaped_model_leaves_the_saddle_in_its_first_epoch(tmp_path):
   config = config_args.load(str(REPO / "configs" / "cifar10.py") + ":runlocal")
-  config.data.update(name="digits", query_per_class=10, train_per_class=32)  # 320 images: 20 steps an epoch
-  config.num_train_steps = 20
+  config.data.update(name="digits", query_per_class=10, train_per_class=64)  # 640 images: 40 steps an epoch
+  config.num_train_steps = 40
   config.log_every_steps = 1
   train.train_and_evaluate(config, str(tmp_path))
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   wmle = [r["wmle"] for r in rows if "wmle" in r]
-  assert len(wmle) == 20 and min(wmle) < TWO_LN2 - 0.1, wmle
+  assert len(wmle) == 40 and np.mean(wmle[-5:]) < TWO_LN2 - 0.05, wmle  # left, not passing through
 
 
 def test_folder_config_learns_a_png_tree_of_digits(tmp_path):
