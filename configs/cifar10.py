@@ -13,14 +13,15 @@ switches change the parameters, so convert once per setting of those:
 
 Arguments (`configs/cifar10.py:k=v,...`):
   bits=16|32|48|64 (64)   protocol=cifar10|cifar10-1|cifar10-2 (cifar10)   source=tfds|archive (tfds)
-  runlocal                a tiny model (32 px, patch 2, widths 16/32/64, depths 1/1/1), 20 steps, CPU
+  runlocal                a tiny model (32 px, patch 2, widths 16/32/64, depths 1/1/1), 20 steps, CPU,
+                          from scratch (config_lib.from_scratch: pre-filled bank, AdamW)
   dtype=bfloat16|float32  compute dtype (default bfloat16; float32 with runlocal)
   Ablations, default = the paper:
   token_layout=reference|spatial  reference reproduces the global attention's channel-first token quirk
   interaction=False       NesT's plain conv-LN-maxpool between levels (no global branch)
   hash_global=False       the hash layer without its global-attention branch
   memory_bank_size=10000  the reference's CIFAR bank (5,000 zero rows count as dissimilar pairs)
-  optimizer=adamw         instead of RMSprop with PyTorch semantics
+  optimizer=adamw|rmsprop instead of RMSprop with PyTorch semantics (auto: rmsprop, adamw with runlocal)
 Paths are flags: --config.data.source=archive --config.data.root=DIR (the official python or
 binary archive), or --config.data.tfds_data_dir=DIR (TFDS prepared as ArrayRecord; see
 hybridhash_jax/data/cifar10.py).

@@ -4,9 +4,10 @@
 
 Nothing is downloaded: the 1,797 digit images ship with scikit-learn. Per class, 20 queries and 100
 training images are drawn (seeded); the remaining 597 images are the database, and mAP is over the
-whole database. Random 32-bit codes score about 0.1 (one class in ten is relevant); this run reaches
-mAP 0.62 at its final step 600 (0.20 and 0.24 at the evaluations after 10 and 20 epochs), in about
-70 s on a 2-core CPU (measured; see workdir/eval/results.json).
+whole database. Random 32-bit codes score about 0.1 (one class in ten is relevant); trained from
+scratch with `config_lib.from_scratch`, this run ends at mAP 0.909-0.987 over seeds 0-4
+(`--config.seed=N`) at step 600, in about 60 s on a nearly idle 2-core CPU (measured; see
+workdir/eval/results.json).
 """
 
 from hybridhash_jax import config_lib
@@ -17,8 +18,8 @@ def get_config():
   c.model.update(img_size=16, patch_size=2, embed_dims=(16, 32, 64), num_heads=(1, 2, 4), depths=(1, 1, 1),
                  bits=32, drop_path_rate=0.0)
   c.data.update(name="digits", num_classes=10, query_per_class=20, train_per_class=100, num_workers=0)
-  c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=1e-4)
-  c.batch_size = 50
+  config_lib.from_scratch(c)
+  c.batch_size = 48  # divisible by 1, 2 and 4 devices
   c.eval_batch_size = 200
   c.num_epochs = 30  # 20 steps an epoch
   c.eval_every_epochs = 10

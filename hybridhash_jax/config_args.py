@@ -61,7 +61,7 @@ def common_args() -> dict[str, Arg]:
       interaction=Arg(True),
       hash_global=Arg(True),
       memory_bank_size=Arg(-1),
-      optimizer=Arg("rmsprop", optim.NAMES),
+      optimizer=Arg("auto", ("auto", *optim.NAMES)),  # auto: rmsprop, adamw with runlocal
       dtype=Arg("auto", ("auto", *models.DTYPES)),  # auto: bfloat16, float32 with runlocal
   )
 
@@ -112,7 +112,8 @@ def parse(arg: str | None, spec: dict[str, Arg], where: str = "config") -> ml_co
 
 
 def apply_common(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
-  """Sets bits, the ablation switches and, with `runlocal`, a tiny model and run that fit a CPU.
+  """Sets bits, the ablation switches and, with `runlocal`, a tiny model and run that fit a CPU, trained
+  with the from-scratch recipe (`config_lib.from_scratch`).
 
   The compute dtype defaults to bfloat16 (TPU/GPU), but to float32 with `runlocal`: CPUs emulate
   bfloat16 matmuls, slowly.
@@ -121,17 +122,18 @@ def apply_common(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) 
   c.model.update(bits=args.bits, token_layout=args.token_layout, interaction=args.interaction,
                  hash_global=args.hash_global, dtype=dtype)
   c.loss.memory_bank_size = args.memory_bank_size
-  c.optimizer.name = args.optimizer
   if args.runlocal:
     c.model.update(img_size=32, patch_size=2, embed_dims=(16, 32, 64), num_heads=(2, 4, 8), depths=(1, 1, 1),
                    drop_path_rate=0.1)
-    c.optimizer.learning_rate = 1e-3
     c.batch_size = 16
     c.eval_batch_size = 256
     c.num_train_steps = 20
     c.log_every_steps = 5
     c.checkpoint_every_steps = 10
     c.data.num_workers = 0
+    config_lib.from_scratch(c)
+  if args.optimizer != "auto":
+    c.optimizer.name = args.optimizer
 
 
 def listfile_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:

@@ -70,7 +70,9 @@ def validate(data) -> None:
     _check(bool(data.root), "root", data.root, "the folder of class sub-folders is needed")
   if data.name in ("folder", "digits"):
     _check(data.query_per_class > 0, "query_per_class", data.query_per_class, "must be > 0")
-    _check(data.train_per_class > 0, "train_per_class", data.train_per_class, "must be > 0")
+    whole = data.name == "folder"  # folders draw training images from the database: -1 takes all of it
+    _check(data.train_per_class > 0 or (whole and data.train_per_class == -1), "train_per_class",
+           data.train_per_class, "must be > 0" + (", or -1 for the whole database" if whole else ""))
 
 
 def build_splits(config, workdir: str | None = None) -> Splits:

@@ -86,3 +86,12 @@ def wmle_loss(u: jax.Array, y: jax.Array, U: jax.Array, Y: jax.Array,
   aux = dict(pairs_similar=n_similar, pairs_dissimilar=n_dissimilar,
              theta_mean=jnp.mean(theta))
   return loss, aux
+
+
+def quantization_loss(u: jax.Array) -> jax.Array:
+  """mean((|u| - 1)^2): pulls the tanh codes away from 0 towards the binary codes (as DPSH, DSH).
+
+  Off in the paper (`loss.quantization_weight=0`). From scratch, codes start near 0, where the
+  WMLE gradient vanishes with the bank's codes; this term gives every code a gradient of its own.
+  """
+  return jnp.mean(jnp.square(jnp.abs(jnp.asarray(u, jnp.float32)) - 1.0))

@@ -22,6 +22,7 @@ import optax
 from hybridhash_jax import checkpoints
 from hybridhash_jax import config_lib
 from hybridhash_jax import evaluate
+from hybridhash_jax import health
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import losses
 from hybridhash_jax import metric_writer
@@ -98,10 +99,11 @@ def _init_state(rng, *, model, tx, config, bank_rows, num_classes) -> TrainState
 
 
 def make_train_step(setup: Setup, config):
-  """The jitted, donated step: bank update, WMLE loss, optimiser update."""
+  """The jitted, donated step: bank update, WMLE loss, optimiser update; metrics include `health.code_stats`."""
   model, tx = setup.model, setup.tx
   alpha = config.loss.alpha
   bank_valid = None if setup.bank_valid.all() else setup.bank_valid
+  quantization = config.loss.quantization_weight
 
   def step_fn(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -110,16 +112,17 @@ def make_train_step(setup: Setup, config):
     def loss_fn(params):
       u = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
       bank_u, bank_y = losses.update_bank(state.bank_u, state.bank_y, u, batch["label"], batch["index"])
-      loss, aux = losses.wmle_loss(u, batch["label"], bank_u, bank_y, alpha, bank_valid)
-      return loss, (bank_u, bank_y, aux)
+      wmle, _ = losses.wmle_loss(u, batch["label"], bank_u, bank_y, alpha, bank_valid)
+      loss = wmle + quantization * losses.quantization_loss(u) if quantization else wmle
+      return loss, (bank_u, bank_y, dict(wmle=wmle, **health.code_stats(u)))
 
-    (loss, (bank_u, bank_y, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (bank_u, bank_y, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, bank_u=bank_u,
                               bank_y=bank_y)
-    return new_state, {"loss": loss, "grad_norm": grad_norm}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, **stats}
 
   batch_sh = sharding.batch_sharding(setup.mesh)
   return jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh),
@@ -134,6 +137,21 @@ def initial_state(setup: Setup, config) -> TrainState:
   if config.init_checkpoint:
     state = state.replace(params=_init_params(config, setup, state.params))
   return state
+
+
+def prefill_bank(state: TrainState, setup: Setup, evaluator: evaluate.Evaluator, train_source) -> TrainState:
+  """The bank with the model's own codes and labels of the training set (`loss.bank_init="codes"`).
+
+  A zero bank gives theta = 0 for every pair until the rows are written, so a fresh model's first
+  epoch has no gradient out of the saddle at u = 0; its own codes, however small, give one from step 1.
+  Rows past the training set (a larger `loss.memory_bank_size`) stay zero.
+  """
+  codes, labels, _ = evaluator.encode(state.params, train_source)  # skipped rows: zeros, and out of bank_valid
+  bank_u, bank_y = np.zeros(state.bank_u.shape, np.float32), np.zeros(state.bank_y.shape, np.float32)
+  bank_u[:len(codes)], bank_y[:len(labels)] = codes, labels
+  put = lambda a, sh: jax.make_array_from_callback(a.shape, sh, lambda index: a[index])
+  return state.replace(bank_u=put(bank_u, setup.state_shardings.bank_u),
+                       bank_y=put(bank_y, setup.state_shardings.bank_y))
 
 
 def _init_params(config, setup: Setup, fresh: Any) -> Any:
@@ -199,6 +217,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_step = make_train_step(setup, config)
   evaluator = evaluate.Evaluator(config, setup.model, mesh, setup.state_shardings.params)
+  if latest is None and config.loss.bank_init == "codes":
+    state = prefill_bank(state, setup, evaluator, splits.train)
+    logging.info("Memory bank filled with the model's codes of the %d training images.", len(splits.train))
+  monitor = health.CollapseMonitor()
   eval_every = config.eval_every_epochs * setup.steps_per_epoch
   step = int(jax.device_get(state.step))
   results = evaluate.load_history(workdir)
@@ -239,8 +261,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last = fetched[-1][1]
           writer.write(step, {**{k: float(v) for k, v in last.items()}, "images_per_sec": rate,
                               "epoch": step / setup.steps_per_epoch})
-          logging.info("step %d/%d epoch %.2f loss %.5f grad_norm %.4f %.1f img/s", step, setup.total_steps,
-                       step / setup.steps_per_epoch, last["loss"], last["grad_norm"], rate)
+          logging.info("step %d/%d epoch %.2f loss %.5f grad_norm %.4f mean|u| %.3f constant bits %.2f "
+                       "distinct codes %d %.1f img/s", step, setup.total_steps, step / setup.steps_per_epoch,
+                       last["loss"], last["grad_norm"], last["mean_abs_u"], last["constant_bits"],
+                       last["distinct_codes"], rate)
+          monitor.update(step, {k: float(v) for k, v in last.items()})
           t0, t0_step = time.perf_counter(), step
         if ckpt_due or mngr.reached_preemption(step):
           save(step)

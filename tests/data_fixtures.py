@@ -110,3 +110,11 @@ def write_bomb_png(path: str, side: int = 20_000) -> None:
   with open(path, "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
             + _chunk(b"IEND", b""))
+
+
+def write_digits_folder(root: str) -> None:
+  """scikit-learn's 8x8 digits as `root/<digit>/<i>.png` RGB files: a real class-folder tree."""
+  from hybridhash_jax.data import digits  # pylint: disable=g-import-not-at-top
+  images, ids = digits.load()
+  for i, (image, c) in enumerate(zip(images, ids)):
+    write_image(os.path.join(root, f"digit_{c}", f"{i:04d}.png"), image)

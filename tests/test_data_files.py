@@ -78,18 +78,30 @@ def test_folder_split_labels_and_reuse(tmp_path):
   c = _config("folder", root, num_classes=-1, query_per_class=2, train_per_class=3)
   splits = input_pipeline.build_splits(c, str(tmp_path / "w"))
   assert splits.num_classes == 3  # classes sorted: ant, cat, dog
-  assert (len(splits.query), len(splits.train), len(splits.database)) == (6, 9, 21 - 15)
+  # DeepHash's NUS-WIDE protocol: queries held out, training images drawn from the database.
+  assert (len(splits.query), len(splits.train), len(splits.database)) == (6, 9, 21 - 6)
   for split in (splits.query, splits.train, splits.database):
     for i in range(len(split)):
       cls = split.files[i].split("/")[0]
       assert np.argmax(split[i]["label"]) == ["ant", "cat", "dog"].index(cls) and split[i]["label"].sum() == 1
-  assert not set(splits.query.files) & set(splits.train.files) and not set(splits.train.files) & set(splits.database.files)
+  assert not set(splits.query.files) & set(splits.database.files) and set(splits.train.files) <= set(splits.database.files)
   data_fixtures.write_folder(root, {"cat": 9})  # new files do not move a saved split
   again = input_pipeline.build_splits(c, str(tmp_path / "w"))
   assert again.train.files == splits.train.files
   other = input_pipeline.build_splits(c.copy_and_resolve_references(), None)
   c2 = _config("folder", root, num_classes=-1, query_per_class=2, train_per_class=3, split_seed=9)
   assert input_pipeline.build_splits(c2).train.files != other.train.files
+
+
+def test_folder_trains_on_the_whole_database_and_names_a_small_class(tmp_path):
+  root = str(tmp_path / "imgs")
+  data_fixtures.write_folder(root, {"cat": 7, "ant": 3})
+  splits = input_pipeline.build_splits(_config("folder", root, num_classes=-1, query_per_class=2, train_per_class=-1))
+  assert (len(splits.query), len(splits.train)) == (4, 6) and splits.train.files == splits.database.files
+  with pytest.raises(ValueError, match=r"class 'ant' has 3 images.*query_per_class=3.*lower config.data.query_per_class to at most 2"):
+    input_pipeline.build_splits(_config("folder", root, num_classes=-1, query_per_class=3, train_per_class=-1))
+  with pytest.raises(ValueError, match=r"train_per_class=-1.*must be > 0"):
+    input_pipeline.build_splits(_config("digits", num_classes=10, query_per_class=3, train_per_class=-1))
 
 
 def test_digits_split():

@@ -1,8 +1,9 @@
 """A folder of labelled images: `root/<class_name>/<image>`, one sub-folder per class.
 
-Classes are the sorted sub-folder names (their index is the label). Each class is split with a
-seeded permutation into `config.data.query_per_class` queries, `train_per_class` training images
-and the rest as database. The split is saved as relative paths in `workdir/splits.json`, so
+Classes are the sorted sub-folder names (their index is the label). As in DeepHash's NUS-WIDE
+protocol, each class is split with a seeded permutation into `config.data.query_per_class` held-out
+queries and a database of the rest, from which `train_per_class` training images are drawn (-1:
+train on the whole database). The split is saved as relative paths in `workdir/splits.json`, so
 images added later do not shift it. Files without an image extension and hidden files are ignored.
 """
 
@@ -44,7 +45,7 @@ def build(data, workdir: str | None) -> dict:
           "data.train_per_class": data.train_per_class, "classes": classes}
 
   def make():
-    rows = splits.per_class(ids, data.query_per_class, data.train_per_class, data.split_seed,
+    rows = splits.per_class(ids, data.query_per_class, data.train_per_class, data.split_seed, "train+rest",
                             where=f"config.data.root={data.root!r}", class_names=classes)
     return {k: [files[r] for r in v] for k, v in rows.items()}
 

@@ -20,13 +20,17 @@ SPLIT_NAMES = ("query", "train", "database")
 def per_class(classes: np.ndarray, query_per_class: int, train_per_class: int, seed: int,
               database: str = "rest", *, where: str = "dataset", class_names=None) -> dict[str, np.ndarray]:
   """Rows of each split: per class, a seeded permutation gives `query_per_class` queries, then
-  `train_per_class` training rows, then the rest. `database` is "rest", "train+rest" (the training
-  rows are drawn from the database) or "train" (the database is the training set).
-  Each split lists its rows in ascending order.
+  `train_per_class` training rows (-1: all the rest), then the rest. `database` is "rest",
+  "train+rest" (the training rows are drawn from the database, as DeepHash's NUS-WIDE protocol
+  does) or "train" (the database is the training set). Each split lists its rows in ascending order.
   """
+  if train_per_class == -1 and database == "rest":
+    raise ValueError(f"{where}: train_per_class=-1 takes every image but the queries, so the database must "
+                     "include the training images")
   rng = np.random.default_rng(seed)
   num_classes = int(classes.max()) + 1
-  need = query_per_class + train_per_class + (database == "rest")
+  train_need = 1 if train_per_class == -1 else train_per_class
+  need = query_per_class + train_need + (database == "rest")
   parts = {name: [] for name in ("query", "train", "rest")}
   for c in range(num_classes):
     rows = np.flatnonzero(classes == c)
@@ -35,11 +39,15 @@ def per_class(classes: np.ndarray, query_per_class: int, train_per_class: int, s
       raise errors.DataError(
           f"{where}: class {name!r} has {len(rows)} images, fewer than the {need} the split needs "
           f"(config.data.query_per_class={query_per_class}, config.data.train_per_class={train_per_class}"
-          f"{', and one for the database' if database == 'rest' else ''})")
+          f"{', and one for the database' if database == 'rest' else ''}); "
+          + (f"lower config.data.query_per_class to at most {len(rows) - 1}" if train_per_class == -1 else
+             f"lower the two to at most {len(rows) - (database == 'rest')} together")
+          + ", or add images to that class")
     rows = rng.permutation(rows)
+    end = len(rows) if train_per_class == -1 else query_per_class + train_per_class
     parts["query"].append(rows[:query_per_class])
-    parts["train"].append(rows[query_per_class:query_per_class + train_per_class])
-    parts["rest"].append(rows[query_per_class + train_per_class:])
+    parts["train"].append(rows[query_per_class:end])
+    parts["rest"].append(rows[end:])
   query, train, rest = (np.sort(np.concatenate(parts[k])) for k in ("query", "train", "rest"))
   db = {"rest": rest, "train+rest": np.sort(np.concatenate([train, rest])), "train": train}[database]
   return {"query": query, "train": train, "database": db}

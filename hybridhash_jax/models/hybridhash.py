@@ -33,12 +33,12 @@ CHOICES = {"token_layout": TOKEN_LAYOUTS, "dtype": DTYPES, "param_dtype": DTYPES
 # Together they are the model's config fields (`CONFIG_FIELDS`, below the class; a test checks).
 ARCHITECTURE_FIELDS = ("img_size", "patch_size", "embed_dims", "num_heads", "depths", "bits", "mlp_ratio",
                        "interaction", "hash_global", "token_layout")
-RUNTIME_FIELDS = ("drop_path_rate", "dtype", "param_dtype", "attention", "remat")
+RUNTIME_FIELDS = ("drop_path_rate", "hash_init_std", "dtype", "param_dtype", "attention", "remat")
 
 
-def _conv(features, kernel, padding, name, dtype, param_dtype, use_bias=True, strides=1):
+def _conv(features, kernel, padding, name, dtype, param_dtype, use_bias=True, strides=1, kernel_init=weight_init):
   return nn.Conv(features, kernel, strides=strides, padding=padding, use_bias=use_bias,
-                 kernel_init=weight_init, dtype=dtype, param_dtype=param_dtype, name=name)
+                 kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _max_pool(x):
@@ -163,6 +163,7 @@ class HashLayer(nn.Module):
   bits: int
   token_layout: str
   use_global: bool
+  init_std: float = 0.02  # the code conv's N(0, std) init; the reference's 0.02 starts codes near 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -178,7 +179,7 @@ class HashLayer(nn.Module):
     y = _max_pool(y)
     # Global mean before the 1x1 conv equals the reference's conv-then-mean (affine map).
     y = y.mean(axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(y.dtype)
-    y = _conv(self.bits, (1, 1), "VALID", "conv2", **kw)(y)
+    y = _conv(self.bits, (1, 1), "VALID", "conv2", **kw, kernel_init=nn.initializers.normal(self.init_std))(y)
     return jnp.tanh(y.reshape(y.shape[0], self.bits).astype(jnp.float32))
 
 
@@ -211,6 +212,7 @@ class HybridHash(nn.Module):
   token_layout: str = "reference"
   interaction: bool = True
   hash_global: bool = True
+  hash_init_std: float = 0.02
   dtype: Any = "float32"
   param_dtype: Any = "float32"
   attention: str = "einsum"  # ATTENTIONS; neither this nor remat changes params or outputs
@@ -240,7 +242,8 @@ class HybridHash(nn.Module):
                 self.token_layout, name=f"levels_{i}", attention=self.attention, remat=self.remat, **kw)(x, train)
       start += depth
     features = layer_norm("norm", **kw)(x)
-    codes = HashLayer(self.bits, self.token_layout, self.hash_global, name="hashlayer", **kw)(features)
+    codes = HashLayer(self.bits, self.token_layout, self.hash_global, self.hash_init_std, name="hashlayer",
+                      **kw)(features)
     if return_features:
       return codes, features.astype(jnp.float32)
     return codes
@@ -280,6 +283,8 @@ def _validate(m: HybridHash) -> None:
       raise errors.ConfigError(f"{field} = {getattr(m, field)!r} must be one of {choices}")
   if not 0.0 <= m.drop_path_rate < 1.0:
     raise errors.ConfigError(f"drop_path_rate = {m.drop_path_rate} must be in [0, 1)")
+  if not m.hash_init_std > 0:
+    raise errors.ConfigError(f"hash_init_std = {m.hash_init_std} must be > 0")
   if m.mlp_ratio <= 0:
     raise errors.ConfigError(f"mlp_ratio = {m.mlp_ratio} must be > 0")
   if m.attention == "cudnn" and (jax.default_backend() != "gpu" or jnp.dtype(m.dtype) == jnp.float32):
