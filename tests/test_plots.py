@@ -1,5 +1,6 @@
 """The figures are written as valid PNGs of plausible size."""
 
+import matplotlib.figure
 import numpy as np
 import pytest
 from PIL import Image
@@ -50,17 +51,17 @@ def test_retrieval_grid_draws_the_query_like_its_results(tmp_path, monkeypatch):
   database = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
   top = rng.integers(0, 30, (2, 10))
   drawn = []
-  real = plots._save
+  real = matplotlib.figure.Figure.savefig
 
-  def measure(fig, path, dpi):
+  def measure(fig, *args, **kwargs):
     fig.canvas.draw()
     for ax in fig.axes:
       (image,) = ax.get_images()
       array, extent = np.asarray(image.get_array()), image.get_window_extent()
       drawn.append((array, extent.width * 16 / array.shape[1], extent.height * 16 / array.shape[0]))
-    real(fig, path, dpi)
+    real(fig, *args, **kwargs)
 
-  monkeypatch.setattr(plots, "_save", measure)
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", measure)
   plots.plot_retrieval_grid(queries, database, top, rng.random((2, 10)) < 0.5, tmp_path / "grid.png")
   assert len(drawn) == 22
   for k, (array, width, height) in enumerate(drawn):
