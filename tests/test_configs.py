@@ -290,7 +290,7 @@ def test_model_fields_have_one_source():
   assert set(config_lib.base_config().model) == set(models.CONFIG_FIELDS)
   assert checkpoints.MODEL_FIELDS == tuple(f"model.{f}" for f in models.ARCHITECTURE_FIELDS)
   args = config_args.common_args()
-  assert args["token_layout"].choices == models.TOKEN_LAYOUTS and args["optimizer"].choices == optim.NAMES
+  assert args["token_layout"].choices == models.TOKEN_LAYOUTS and args["optimizer"].choices == ("auto", *optim.NAMES)
   assert set(args["dtype"].choices) == {"auto", *models.DTYPES}
   assert config_lib.PAPER_MODEL == {k: getattr(models.HybridHash(), k) for k in config_lib.PAPER_MODEL}
 
@@ -300,7 +300,7 @@ def test_checkpoint_check_refuses_each_architecture_field_only():
   other = {"img_size": 112, "patch_size": 2, "embed_dims": (64, 128, 256), "num_heads": (2, 4, 8),
            "depths": (2, 2, 3), "bits": 32, "mlp_ratio": 2.0, "interaction": False, "hash_global": False,
            "token_layout": "spatial", "drop_path_rate": 0.1, "dtype": "bfloat16", "param_dtype": "bfloat16",
-           "attention": "xla", "remat": "full"}
+           "attention": "xla", "remat": "full", "hash_init_std": 0.1}
   assert set(other) == set(models.CONFIG_FIELDS)
   for field, value in other.items():
     changed = {**config, "model": {**config["model"], field: value}}

@@ -73,7 +73,7 @@ def test_prefill_bank_holds_the_models_codes_of_the_training_set(tmp_path):
   state = train.initial_state(setup, config)
   evaluator = evaluate.Evaluator(config, setup.model, mesh, setup.state_shardings.params)
   filled = train.prefill_bank(state, setup, evaluator, splits.train)
-  codes, labels = evaluator.encode(state.params, splits.train)
+  codes, labels, _ = evaluator.encode(state.params, splits.train)
   n = len(splits.train)
   bank_u, bank_y = jax.device_get(filled.bank_u), jax.device_get(filled.bank_y)
   np.testing.assert_array_equal(bank_u[:n], codes)
