@@ -177,7 +177,7 @@ def test_remat_keeps_outputs_and_gradients(remat):
   codes, grads = _tiny_with_grads()
   r_codes, r_grads = _tiny_with_grads(remat=remat)
   np.testing.assert_allclose(r_codes, codes, rtol=0, atol=1e-7)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-7), r_grads, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-7), r_grads, grads)
 
 
 def test_bad_attention_and_remat_name_the_field():
@@ -195,3 +195,15 @@ def test_attention_and_remat_are_not_checked_model_fields():
   config = config_lib.base_config()
   config.model.attention, config.model.remat = "xla", "full"
   checkpoints.check_compatible(saved, config.to_dict(), "here", checkpoints.RESUME_FIELDS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 7, 7, 3), (1, 8, 6, 2), (1, 1, 1, 1), (1, 2, 3, 1)])
+def test_max_pool_and_its_gradient_equal_reduce_window(shape, dtype):
+  # Many ties (values in {0, 1, 2}); integer cotangents make every sum exact, so routing is compared exactly.
+  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 3, shape), dtype)
+  g = jnp.asarray(rng.integers(-8, 9, ref(x).shape), dtype)
+  np.testing.assert_array_equal(hh._max_pool(x), ref(x))
+  np.testing.assert_array_equal(jax.vjp(hh._max_pool, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0])

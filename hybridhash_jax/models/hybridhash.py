@@ -8,11 +8,13 @@ Module names mirror the reference's PyTorch names (`levels_1/pool/conv_glo` is
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from hybridhash_jax import errors
@@ -41,9 +43,48 @@ def _conv(features, kernel, padding, name, dtype, param_dtype, use_bias=True, st
                  kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def _pool_windows(x):
+  """The nine (B, ceil(H/2), ceil(W/2), C) strided views of x padded by one -inf, in window (row-major) order."""
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  ho, wo = (h + 1) // 2, (w + 1) // 2
+  return [lax.slice(xp, (0, i, j, 0), (b, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+          for i in range(3) for j in range(3)], xp.shape
+
+
+@jax.custom_vjp
 def _max_pool(x):
-  """3x3 max pool, stride 2, symmetric padding 1 with -inf (PyTorch), not TF 'SAME'."""
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  """3x3 max pool, stride 2, symmetric padding 1 with -inf (PyTorch), not TF 'SAME'.
+
+  The max of nine strided views, not `reduce_window`, whose gradient (`select_and_scatter`) is
+  XLA:CPU's slowest op in the train step. The gradient goes to the first maximum of each window in
+  row-major order, as `select_and_scatter` and PyTorch route it, so ties behave as before.
+  """
+  return functools.reduce(jnp.maximum, _pool_windows(x)[0])
+
+
+def _max_pool_fwd(x):
+  out = _max_pool(x)
+  return out, (x, out)
+
+
+def _max_pool_bwd(res, g):
+  x, out = res
+  views, padded_shape = _pool_windows(x)
+  taken = jnp.zeros(out.shape, bool)
+  grad = jnp.zeros(padded_shape, jnp.float32)  # a position can take up to four windows' gradients
+  for k, view in enumerate(views):
+    i, j = divmod(k, 3)
+    first = (view == out) & ~taken
+    taken = taken | first
+    # Back to the padded grid: interior padding 1 puts the view's elements at stride 2 from (i, j).
+    pads = [(0, 0, 0), (i, padded_shape[1] - i - 2 * out.shape[1] + 1, 1),
+            (j, padded_shape[2] - j - 2 * out.shape[2] + 1, 1), (0, 0, 0)]
+    grad = grad + lax.pad(jnp.where(first, g, 0).astype(jnp.float32), jnp.float32(0), pads)
+  return (grad[:, 1:-1, 1:-1].astype(g.dtype),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _avg_pool(x, k):

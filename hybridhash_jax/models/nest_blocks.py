@@ -44,23 +44,26 @@ def deblockify(x: jax.Array, block: int) -> jax.Array:
 def multi_head_attention(qkv: jax.Array, num_heads: int, implementation: str = "einsum") -> jax.Array:
   """Softmax attention over axis -2 of `qkv` (..., N, 3C); returns (..., N, C) head-minor.
 
-  "einsum": logits and softmax are float32 whatever the compute dtype; the value product is not.
+  "einsum": logits and softmax are float32 whatever the compute dtype, and the value product
+  accumulates in float32. The softmax is normalised after the value product (N x d values to divide,
+  not N x N), its max subtracted as a constant (it cancels): on XLA:CPU this halves the step's
+  attention time.
   "xla" | "cudnn": `jax.nn.dot_product_attention` with that implementation, the leading (batch and
   block) axes folded into its batch axis; cuDNN's fused kernel is for GPUs in bfloat16 or float16.
   """
   *lead, n, c3 = qkv.shape
   c = c3 // 3
   d = c // num_heads
-  q, k, v = jnp.moveaxis(qkv.reshape(*lead, n, 3, num_heads, d), -3, 0)
   if implementation != "einsum":
-    q, k, v = (t.reshape(-1, n, num_heads, d) for t in (q, k, v))
+    q, k, v = jnp.moveaxis(qkv.reshape(-1, n, 3, num_heads, d), -3, 0)
     out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)  # (B', N, heads, d)
     return out.swapaxes(-1, -2).reshape(*lead, n, c)
-  logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits * d ** -0.5, axis=-1).astype(v.dtype)
-  # Writing the output as (..., q, d, h) is the head-minor merge, with no extra transpose.
-  out = jnp.einsum("...hqk,...khd->...qdh", weights, v)
-  return out.reshape(*lead, n, c)
+  q, k, v = jnp.moveaxis(qkv.reshape(*lead, n, 3, num_heads, d), (-3, -2), (0, -3))  # (..., heads, N, d)
+  logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+  e = jnp.exp((logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))) * d ** -0.5)
+  out = jnp.einsum("...qk,...kd->...qd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = (out / e.sum(-1, keepdims=True)).astype(v.dtype)
+  return jnp.moveaxis(out, -3, -1).reshape(*lead, n, c)  # (..., N, d, heads): the head-minor merge
 
 
 class Attention(nn.Module):
