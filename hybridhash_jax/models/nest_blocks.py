@@ -59,8 +59,9 @@ def multi_head_attention(qkv: jax.Array, num_heads: int, implementation: str = "
     out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)  # (B', N, heads, d)
     return out.swapaxes(-1, -2).reshape(*lead, n, c)
   q, k, v = jnp.moveaxis(qkv.reshape(*lead, n, 3, num_heads, d), (-3, -2), (0, -3))  # (..., heads, N, d)
-  logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
-  e = jnp.exp((logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))) * d ** -0.5)
+  # Scaling q, not the N x N logits: XLA:CPU would materialise the scalar broadcast to N x N.
+  logits = jnp.einsum("...qd,...kd->...qk", q * jnp.asarray(d ** -0.5, q.dtype), k, preferred_element_type=jnp.float32)
+  e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
   out = jnp.einsum("...qk,...kd->...qd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
   out = (out / e.sum(-1, keepdims=True)).astype(v.dtype)
   return jnp.moveaxis(out, -3, -1).reshape(*lead, n, c)  # (..., N, d, heads): the head-minor merge
