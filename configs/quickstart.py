@@ -19,6 +19,8 @@ def get_config():
                  bits=32, drop_path_rate=0.0)
   c.data.update(name="digits", num_classes=10, query_per_class=20, train_per_class=100, num_workers=0)
   config_lib.from_scratch(c)
+  # A constant rate: 600 steps on a cosine left seed 4 under-trained (mAP 0.85-0.86, mean |u| 0.69).
+  c.optimizer.schedule = "constant"
   c.batch_size = 48  # divisible by 1, 2 and 4 devices
   c.eval_batch_size = 200
   c.num_epochs = 30  # 20 steps an epoch
