@@ -5,9 +5,9 @@
 Nothing is downloaded: the 1,797 digit images ship with scikit-learn. Per class, 20 queries and 100
 training images are drawn (seeded); the remaining 597 images are the database, and mAP is over the
 whole database. Random 32-bit codes score about 0.1 (one class in ten is relevant); trained from
-scratch with `config_lib.from_scratch`, this run ends at mAP 0.894-0.988 at step 600 over
-seeds 0-4 (`--config.seed=N`) on 1, 2 and 4 CPU devices (measured; see workdir/eval/results.json
-and the README's "Measured" table for the wall time).
+scratch with `config_lib.from_scratch`, this run ends at mAP 0.89-0.98 at step 600 over seeds and
+device counts (`--config.seed=N`, JAX_NUM_CPU_DEVICES; measured, see the README's "Measured" table;
+not yet >= 0.9 on every seed).
 """
 
 from hybridhash_jax import config_lib
