@@ -7,9 +7,9 @@ images; `Encoder` wraps both with the evaluation transform for images of any siz
 """
 
 import dataclasses
-import os
 from typing import Any, Callable
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -74,6 +74,12 @@ def transform_info(saved_config: dict) -> dict:
           "dataset": data_name, "mean": list(input_pipeline.MEAN), "std": list(input_pipeline.STD)}
 
 
+def _absolute(path) -> str:
+  """A local path made absolute (an index records where its encoder came from); gs:// and the like as given."""
+  path = epath.Path(path)
+  return str(path if path.is_absolute() else path.resolve())
+
+
 class Encoder:
   """Images (uint8) -> codes, jitted once, batch-sharded over the local devices.
 
@@ -93,7 +99,7 @@ class Encoder:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "Encoder":
     """The model of WORKDIR/checkpoints (latest step, or `step`), rebuilt from the config saved there."""
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    directory = _absolute(epath.Path(workdir) / "checkpoints")
     mesh = local_mesh()
     r = restore(directory, mesh, step=step)
     fn = encode_fn(r.model, mesh, r.params_shardings)
@@ -106,7 +112,7 @@ class Encoder:
   def from_export(cls, path: str) -> "Encoder":
     """A file written by `python -m hybridhash_jax.export`."""
     run, info = exported.load(path)
-    return cls(run, {**info, "encoder": os.path.abspath(path)}, info.get("batch_size", DEFAULT_BATCH))
+    return cls(run, {**info, "encoder": _absolute(path)}, info.get("batch_size", DEFAULT_BATCH))
 
   def preprocess(self, image: np.ndarray) -> np.ndarray:
     """Decoded RGB uint8 (H, W, 3) -> (S, S, 3) uint8: the evaluation transform of the checkpoint's dataset."""
@@ -142,5 +148,5 @@ def open_encoder(workdir: str | None = None, encoder: str | None = None, step: i
     return Encoder.from_workdir(workdir, step)
   if not index_info:
     raise ValueError("no encoder: pass --workdir or --encoder")
-  return Encoder.from_workdir(os.path.dirname(index_info["checkpoint"]),
+  return Encoder.from_workdir(str(epath.Path(index_info["checkpoint"]).parent),
                               index_info["step"] if step is None else step)

@@ -109,6 +109,19 @@ def test_cli_search_table_json_grid_and_id(run, capsys, tmp_path):
   assert out.startswith("query 3:") and " 3    0 " in out
 
 
+def test_relative_workdir_is_recorded_absolute_and_reopens(run, monkeypatch):
+  """An index built from `--workdir=rel` must reopen its encoder from anywhere: the path is made absolute."""
+  monkeypatch.chdir(run["root"])
+  encoder = encoding.Encoder.from_workdir("work")
+  assert encoder.info["checkpoint"] == str(run["root"] / "work" / "checkpoints")
+  monkeypatch.chdir("/")
+  again = encoding.open_encoder(index_info={"checkpoint": encoder.info["checkpoint"], "step": encoder.info["step"]})
+  images_ = np.zeros((2, encoder.img_size, encoder.img_size, 3), np.uint8)
+  np.testing.assert_array_equal(again.encode(images_), run["encoder"].encode(images_))
+  # os.path.abspath would have made "/<cwd>/gs:/bucket/..." of a cloud workdir.
+  assert encoding._absolute("gs://bucket/w/checkpoints") == "gs://bucket/w/checkpoints"
+
+
 def test_other_kinds_give_true_distances_and_exact_radius(run, tmp_path):
   flat = hamming_index.HammingIndex.open(run["out"])
   queries = flat.codes_of(np.arange(0, len(flat), 151))
