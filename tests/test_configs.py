@@ -328,3 +328,12 @@ def test_bfloat16_params_are_refused_for_training_only():
   config_lib.validate(c)  # evaluation and export may use them
   with pytest.raises(ValueError, match=r"config\.model\.param_dtype='bfloat16' cannot train"):
     config_lib.validate_training(c)
+
+
+@pytest.mark.parametrize("field,value", [("loss.alpha", 0.0), ("optimizer.learning_rate", -1e-3), ("model.bits", 0)])
+def test_values_that_must_be_positive_are_named(field, value):
+  c = config_lib.base_config()
+  section, leaf = field.split(".")
+  c[section][leaf] = value
+  with pytest.raises(ValueError, match=rf"config\.{field}={value!r} must be > 0"):
+    config_lib.validate(c)

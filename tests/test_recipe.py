@@ -89,7 +89,7 @@ def test_quantization_loss_matches_numpy():
 
 def test_paper_defaults_keep_the_reference_loss_and_bank():
   base = config_lib.base_config()
-  assert base.loss.bank_init == "zeros" and base.loss.quantization_weight == 0.0
+  assert base.loss.bank_init == "zeros" and base.loss.quantization_weight == 0.0 and base.loss.alpha == 0.5
   for name in ("cifar10", "imagenet", "nuswide_21", "nuswide_81_m", "coco"):
     c = config_args.load(str(REPO / "configs" / f"{name}.py"))
     assert c.loss.to_dict() == base.loss.to_dict(), name
