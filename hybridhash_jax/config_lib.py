@@ -100,12 +100,8 @@ def from_scratch(c: ml_collections.ConfigDict) -> None:
   step 1), the hash layer's last conv starts 4x wider than the reference's 0.02 (codes that differ
   from the start), and AdamW takes steps of a steady size (the PyTorch RMSprop's first steps are
   ~10x the learning rate, which from scratch saturates every code), decaying to 0 on a cosine so
-  that the last epochs settle the codes. alpha is half the paper's: at 0.5 a class whose codes split
-  early stays split (two halves 12 bits apart already give theta = 4, where the pull between them is
-  sigma(-4) ~ 0.02); at 0.25 that pull is ~0.12 and the halves merge. README "From scratch" gives
-  what was measured.
+  that the last epochs settle the codes. README "From scratch" gives what was measured.
   """
-  c.loss.alpha = 0.25
   c.loss.bank_init = "codes"
   c.model.hash_init_std = 0.08
   c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="warmup_cosine", warmup_steps=0)
