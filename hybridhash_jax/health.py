@@ -19,12 +19,13 @@ PATIENCE = 3  # log intervals in a row before the warning
 
 _ADVICE = {
     "saddle": ("codes are stuck near 0 (mean |u| {mean_abs_u:.3f}, WMLE loss {wmle:.4f} ~ 2 ln 2): the WMLE "
-               "saddle. Try loss.bank_init=codes, loss.quantization_weight > 0 (e.g. 0.1), a larger "
-               "optimizer.learning_rate, or start from NesT-B weights (init_checkpoint)."),
+               "saddle. Try the from-scratch recipe (config_lib.from_scratch: loss.bank_init=codes, "
+               "model.hash_init_std=0.08, AdamW), a larger optimizer.learning_rate, or start from NesT-B "
+               "weights (init_checkpoint)."),
     "saturated": ("every code in the batch has saturated to one sign pattern (mean |u| {mean_abs_u:.3f}, "
                   "{distinct_codes:.0f} distinct code(s), loss {loss:.4f}): tanh passes no gradient. Try a "
-                  "lower optimizer.learning_rate or a warm-up (optimizer.schedule=warmup_cosine, "
-                  "optimizer.warmup_steps)."),
+                  "lower optimizer.learning_rate, a warm-up (optimizer.schedule=warmup_cosine, "
+                  "optimizer.warmup_steps), or the paper's loss.alpha=0.5 if it is lower."),
 }
 
 

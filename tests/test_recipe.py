@@ -39,13 +39,14 @@ def test_monitor_warns_once_per_collapse_and_names_what_to_try():
   monitor = health.CollapseMonitor(patience=3)
   assert [monitor.update(s, _logged(0.01)) for s in (1, 2)] == [None, None]
   message = monitor.update(3, _logged(0.01))
-  assert "saddle" in message and "loss.bank_init=codes" in message and "quantization_weight" in message
+  assert "saddle" in message and "loss.bank_init=codes" in message and "hash_init_std" in message
   assert monitor.update(4, _logged(0.01)) is None  # said once
   assert monitor.update(5, _logged(0.5)) is None  # healthy resets the count
   saturated = _logged(1.0, distinct=1.0, loss=16.0)
   assert [monitor.update(s, saturated) for s in (6, 7)] == [None, None]
   message = monitor.update(8, saturated)
   assert "one sign pattern" in message and "learning_rate" in message and "warmup" in message
+  assert "loss.alpha=0.5" in message
   assert health.collapse(_logged(1.0, distinct=3.0)) is None  # saturated but distinct codes: fine
   assert health.collapse(_logged(0.05, loss=1.2)) is None  # small codes, but the loss is moving
 
