@@ -331,4 +331,3 @@ def test_bfloat16_params_are_refused_for_training_only():
   config_lib.validate(c)  # evaluation and export may use them
   with pytest.raises(ValueError, match=r"config\.model\.param_dtype='bfloat16' cannot train"):
     config_lib.validate_training(c)
-

@@ -44,11 +44,12 @@ def _conv(features, kernel, padding, name, dtype, param_dtype, use_bias=True, st
 
 
 def _pool_windows(x):
-  """The nine (B, ceil(H/2), ceil(W/2), C) strided views of x padded by one -inf, in window (row-major) order."""
+  """The nine (offset (i, j), (B, ceil(H/2), ceil(W/2), C) strided view) of x padded by one -inf, in
+  window (row-major) order, and the padded shape."""
   b, h, w, c = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
   ho, wo = (h + 1) // 2, (w + 1) // 2
-  return [lax.slice(xp, (0, i, j, 0), (b, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+  return [((i, j), lax.slice(xp, (0, i, j, 0), (b, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1)))
           for i in range(3) for j in range(3)], xp.shape
 
 
@@ -57,10 +58,11 @@ def _max_pool(x):
   """3x3 max pool, stride 2, symmetric padding 1 with -inf (PyTorch), not TF 'SAME'.
 
   The max of nine strided views, not `reduce_window`, whose gradient (`select_and_scatter`) is slow
-  on XLA:CPU (about 4x these views' gradient at the train step's largest pool). The gradient goes to the first maximum of each window in
-  row-major order, as `select_and_scatter` and PyTorch route it, so ties behave as before.
+  on XLA:CPU (about 4x these views' gradient at the train step's largest pool). The gradient goes to
+  the first maximum of each window in row-major order, as `select_and_scatter` and PyTorch route it,
+  so ties behave as before.
   """
-  return functools.reduce(jnp.maximum, _pool_windows(x)[0])
+  return functools.reduce(jnp.maximum, [view for _, view in _pool_windows(x)[0]])
 
 
 def _max_pool_fwd(x):
@@ -73,8 +75,7 @@ def _max_pool_bwd(res, g):
   views, padded_shape = _pool_windows(x)
   taken = jnp.zeros(out.shape, bool)
   grad = jnp.zeros(padded_shape, jnp.float32)  # a position can take up to four windows' gradients
-  for k, view in enumerate(views):
-    i, j = divmod(k, 3)
+  for (i, j), view in views:
     first = (view == out) & ~taken
     taken = taken | first
     # Back to the padded grid: interior padding 1 puts the view's elements at stride 2 from (i, j).
