@@ -10,7 +10,7 @@ Prints JSON.
 
   python experiments/bench_map.py --sizes cifar,imagenet --repeats 3
   python experiments/bench_map.py --sizes cifar --devices 2   # database sharded over 2 CPU devices (2 cores)
-  python experiments/bench_map.py --sizes cifar --kernels bitmask,sort   # both ranking kernels
+  python experiments/bench_map.py --sizes cifar --kernels host,sort   # both ranking kernels
   python experiments/bench_map.py --sizes custom --queries 5000 --db 1000000 --top_k 1000 \
       --baseline_queries 200   # GPU scale; the baseline runs on the first 200 queries only
 """
@@ -168,7 +168,7 @@ def main(argv):
   parser.add_argument("--chunk_size", type=int, default=None, help="queries per chunk (default: all, up to 8192)")
   parser.add_argument("--devices", type=int, default=1, help="shard the database over this many devices (on a "
                       "CPU host, that many CPU devices: one core each)")
-  parser.add_argument("--kernels", default="", help="comma list of ranking kernels to time (bitmask, sort; "
+  parser.add_argument("--kernels", default="", help="comma list of ranking kernels to time (host, sort; "
                       "empty: the backend's default); the first is the one compared with the baseline")
   parser.add_argument("--faiss_k", type=int, default=1000, help="faiss IndexBinaryFlat top-k search (0: skip)")
   parser.add_argument("--faiss_threads", type=int, default=2, help="faiss OpenMP threads")

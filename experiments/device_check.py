@@ -8,7 +8,8 @@ Rows:
           img/s, MFU, XLA's step memory estimate and the process's peak device memory so far
           (`experiments/bench_train.py`'s `measure`);
   map     mAP timings at CIFAR-10 (1,000 x 54,000, K = all), ImageNet-100 (5,000 x 128,503, K = 1,000)
-          and 5,000 x 1,000,000 (K = 1,000) sizes, for both ranking kernels (`experiments/bench_map.py`);
+          and 5,000 x 1,000,000 (K = 1,000) sizes, for both ranking kernels (`experiments/bench_map.py`;
+          the host kernel on the machine's CPU cores, skipped where numba is not installed);
   encode  the paper's model in evaluation mode, bfloat16, img/s.
 A row that fails records its error and the check goes on; cuDNN rows off GPU are skipped, as are rows
 left when --budget_s runs out. Synthetic data throughout: no dataset, no input pipeline.
@@ -16,7 +17,8 @@ left when --budget_s runs out. Synthetic data throughout: no dataset, no input p
 Packages. The device image (Python 3.12) has jax, flax, optax, orbax, absl, etils, cloudpickle,
 protobuf and scipy, but not ml-collections (config_lib) or grain (imported by train.py and
 checkpoints.py; tensorflow-datasets is imported only by the CIFAR-10 tfds source, so it need not
-travel). Fetch the wheels once, in the repository root (the device tool's README):
+travel). numba (the CPU ranking kernel) stays behind: llvmlite's wheel alone is 57 MB, past what can
+travel. Fetch the wheels once, in the repository root (the device tool's README):
   echo /.whl/ >> .git/info/exclude
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -28,6 +30,7 @@ and run, carrying `.whl`:
 
 import argparse
 import functools
+import importlib.util
 import json
 import sys
 import time
@@ -105,6 +108,8 @@ def main(argv):
   for section, name, thunk in rows(sizes):
     if "cudnn" in name and dev.platform != "gpu":
       table[section][name] = dict(skipped="cuDNN attention needs a GPU")
+    elif name.endswith("_host") and importlib.util.find_spec("numba") is None:
+      table[section][name] = dict(skipped="the host kernel needs numba, not on this image")
     elif time.perf_counter() - start > args.budget_s:
       table[section][name] = dict(skipped=f"past --budget_s {args.budget_s:g}")
     else:

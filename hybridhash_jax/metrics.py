@@ -10,33 +10,18 @@ Codes. Real codes are binarised by sign with sign(0) -> +1 (bit set when code >=
 stores them as uint32 words, and distance is a popcount of XORed words. Already-packed uint32
 codes are accepted with `num_bits`.
 
-Why no sort. A comparison sort of a 1,000 x 54,000 distance matrix takes seconds under XLA:CPU,
-but distances take only bits + 1 values, so a stable rank is a count:
+Why no sort. A comparison sort of a 1,000 x 54,000 distance matrix takes seconds on a CPU, but
+distances take only bits + 1 values, so a stable rank is a count:
   rank_j = #{i: d_i < d_j} + #{i <= j: d_i = d_j}.
-Two `lax.scan`s walk the database in index order, `_BLOCK` items at a time, with the queries of a chunk
-on the minor (vector) axis; distances are recomputed per block from packed words (a popcount), never
-stored. A block becomes per-query bitmasks: its distances' bit planes, ANDed into one mask per
-distance (bit t set when item t is at that distance), and a relevant-item mask. The first scan
-counts the items (and relevant items) at each distance as popcounts of those masks; its exclusive
-prefix over distances seeds a (bits + 1, queries) table of the items ranked before the next item at
-each distance. The second scan reads each item's table entry and its distance's mask in one gather:
-its rank is the entry plus the mask's bits up to its own (its relevant count likewise, on the
-relevant bits), and the table then moves past the block by the popcounts. There is no scatter and no
-pairwise compare (XLA:CPU's scatters are scalar). Only the small tables and one block live across
-steps, so memory does not grow with the database, and there is no host loop. Per-block sums stay per
-lane and are reduced once at the end: a reduction inside the loop costs more than the adds. XLA:CPU
-runs a device's kernels one core at a time unless they are independent: the second scan is unrolled
-by two so that one block's distances run beside the other's gathers. Sharding the database over CPU
-devices (below) is how this uses more cores.
+On CPU (`kernel="host"`, the default there) `host_ranking` counts it in one compiled pass per query
+over the database in index order, on every core; the mesh is not used.
 
-Accelerators. On a GPU or TPU those scans would launch thousands of tiny kernels, so `kernel="sort"`
-(the default off CPU, see `default_kernel`) ranks a query chunk in a few wide ones instead: a uint8
-distance matrix, per-distance counts, and one stable sort per query (see `_sorted_chunk_counts`).
-Both kernels give the same counts; tests force the sort kernel on CPU.
-
-Sharding. With a `Mesh`, the database is split over `axis_name` (contiguous index ranges); each
-device counts its shard, the per-device histograms are all-gathered to give every shard its
-offset (items of earlier shards at each distance), and the per-query sums are psum-ed.
+Accelerators. On a GPU or TPU, `kernel="sort"` (the default off CPU, see `default_kernel`) ranks a query
+chunk in a few wide kernels: a uint8 distance matrix, per-distance counts, and one stable sort per
+query (see `_sorted_chunk_counts`). With a `Mesh`, the database is split over `axis_name`
+(contiguous index ranges); each device counts its shard, the per-device histograms are all-gathered
+to give every shard its offset (items of earlier shards at each distance), and the per-query sums are
+psum-ed. Both kernels give the same counts; tests force the sort kernel on CPU.
 
 Histogram-derived metrics (tie-aware mAP, PR curve by radius, precision within radius 2) are
 computed on the host in float64 from the per-query distance histograms: the harmonic-number
@@ -52,13 +37,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
-_BLOCK = 32  # database items per scan step: one uint32 bitmask per query
-_HIST_GROUP = 4  # blocks per histogram step: fewer, wider steps cost less
-_PACKED_RANK_LIMIT = (1 << 16) - _BLOCK  # ranks that matter all below this: the rank table's counts fit 16 bits
+_BLOCK = 32  # the sort kernel's database is padded to whole blocks per shard
 DEFAULT_CUTOFFS = tuple(range(100, 1001, 100))  # precision@N curve points
-_CHUNK = 8192  # most queries per chunk by default: wide steps amortise the scans' per-step cost (a few KB per query)
 _SORT_PAIRS = 1 << 27  # most (query, shard item) pairs per chunk of the sort kernel: some 20 bytes each
-KERNELS = ("bitmask", "sort")  # the scans tuned to XLA:CPU, and the sort for accelerators
+KERNELS = ("host", "sort")  # the counting pass on the host's cores, and the sort for accelerators
 
 
 def pack_codes(codes) -> np.ndarray:
@@ -111,68 +93,6 @@ def _block_layout(rows: np.ndarray, num_blocks: int) -> np.ndarray:
   return out.reshape(num_blocks, _BLOCK, rows.shape[1])
 
 
-def _block_bits(q_words, q_labels, block, num_buckets):
-  """One database block against a query chunk, as per-query bitmasks over the block's items.
-
-  Returns the distances ((_BLOCK, queries) uint32), the per-distance item masks ((num_buckets, queries):
-  bit t of row v is set when item t is at distance v) and the relevant-item mask ((queries,)).
-  The distance is a reduction over words and the bit planes a reduction over items: XLA materialises
-  reductions, where an elementwise expression would be re-derived inside every consumer. Padding items
-  get a distance `far` beyond every bucket; their labels are zero, so they are never relevant.
-  """
-  words, labels, valid = block
-  num_planes = num_buckets.bit_length()  # distances 0..bits, and far = 2**num_planes - 1 beyond them
-  d = lax.population_count(words[:, :, None] ^ q_words[None]).sum(1, dtype=jnp.uint32)
-  d = jnp.where(valid[:, None], d, (1 << num_planes) - 1)
-  rel = functools.reduce(jnp.bitwise_or, [labels[:, w, None] & q_labels[w] for w in range(labels.shape[1])]) != 0
-  # Bit t of plane b is bit b of d[t]; the last plane holds relevance.
-  b = jnp.arange(num_planes, dtype=jnp.uint32)[:, None, None]
-  bits = jnp.concatenate([(d[None] >> b) & 1, rel[None].astype(jnp.uint32)])
-  planes = (bits << jnp.arange(_BLOCK, dtype=jnp.uint32)[None, :, None]).sum(1, dtype=jnp.uint32)
-  return d, _bucket_masks(planes[:-1], num_buckets), planes[-1]
-
-
-def _and_combinations(planes):
-  """(2**k, queries): row i is the AND over planes b of (plane b if bit b of i is set, else its complement).
-
-  One reduction (one XLA kernel) rather than a stack of 2**k rows, each its own small kernel.
-  """
-  k = len(planes)
-  flip = np.asarray([[0 if (i >> b) & 1 else 0xFFFFFFFF for b in range(k)] for i in range(1 << k)], np.uint32)
-  return lax.reduce(planes[None] ^ flip[:, :, None], np.uint32(0xFFFFFFFF), lax.bitwise_and, (1,))
-
-
-def _bucket_masks(planes, num_buckets):
-  """(num_buckets, queries) uint32: row v is the AND of one form of every distance bit plane.
-
-  The low and high halves of the planes are combined separately first, so a row costs one AND.
-  """
-  k = len(planes) // 2
-  low, high = _and_combinations(planes[:k]), _and_combinations(planes[k:])
-  return (high[:, None] & low[None]).reshape(-1, planes.shape[1])[:num_buckets]
-
-
-def _rank_table(tot_all, before, cap):
-  """The second scan's table, and how to advance and read it.
-
-  The table holds, per distance and query, the items ranked before the next item at that distance
-  and the relevant ones among them. With `cap`, both counts share one uint32 (one gather instead of
-  two), 16 bits each, saturating at cap (see `ranking_counts`). Returns (fields, advance(fields,
-  counts, rel_counts), unpack(gathered) -> (ranked before, relevant before)).
-  """
-  start = (jnp.cumsum(tot_all, 1) - tot_all + before).astype(jnp.uint32)
-  if cap is None:
-    return ((start[0], start[1]), lambda f, c, r: (f[0] + c, f[1] + r),
-            lambda got: (got[..., 0], got[..., 1]))
-
-  def advance(fields, counts, rel_counts):
-    (f,) = fields
-    return (jnp.minimum((f & 0xFFFF) + counts, cap) | (jnp.minimum((f >> 16) + rel_counts, cap) << 16),)
-
-  return ((jnp.minimum(start[0], cap) | (jnp.minimum(start[1], cap) << 16),), advance,
-          lambda got: (got[..., 0] & 0xFFFF, got[..., 0] >> 16))
-
-
 def _shard_offsets(tot, axis_name):
   """This shard's per-distance counts -> (those of the earlier shards, those of all shards), summed."""
   if axis_name is None:
@@ -182,61 +102,11 @@ def _shard_offsets(tot, axis_name):
   return (every * earlier).sum(0), every.sum(0)
 
 
-def _chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, cap, axis_name):
-  """Per-query sums for one query chunk (queries on the minor axis) against one database shard.
+def _sorted_chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, axis_name):
+  """One query chunk (queries on the minor axis) against one database shard, in a few wide kernels.
 
   Returns (sum of precisions at relevant items in the top K, number of them, hits at each cutoff,
   distance histogram, relevant-item distance histogram), summed over shards; all counts are exact.
-  """
-  qc = q_words.shape[1]
-
-  def histogram(tot, blocks):  # _HIST_GROUP blocks per step: counting needs no order
-    _, masks, rel_mask = jax.vmap(lambda b: _block_bits(q_words, q_labels, b, num_buckets))(blocks)
-    counts = jnp.stack([lax.population_count(masks), lax.population_count(masks & rel_mask[:, None])], 1)
-    return tot + counts.sum(0, dtype=jnp.int32), None
-
-  groups = jax.tree.map(lambda x: x.reshape(-1, _HIST_GROUP, *x.shape[1:]), (db_words, db_labels, valid))
-  tot, _ = lax.scan(histogram, jnp.zeros((2, num_buckets, qc), jnp.int32), groups)
-  before, tot_all = _shard_offsets(tot, axis_name)
-  fields, advance, unpack = _rank_table(tot_all, before, cap)
-  item = jnp.arange(_BLOCK, dtype=jnp.uint32)[:, None]
-  upto = jnp.uint32(0xFFFFFFFF) >> (_BLOCK - 1 - item)  # bits 0..t
-  cols = jnp.arange(qc, dtype=jnp.uint32)[None]
-
-  def rank_block(carry, block):
-    fields, (ap_sum, n_rel, pn) = carry
-    d, masks, rel_mask = _block_bits(q_words, q_labels, block, num_buckets)
-    # One 1-D gather (the fast kind) reads each item's table entry and its distance's item mask, taken
-    # side by side before the table moves past the block (reading the moved table would make XLA
-    # fuse the update into the gather).
-    flat = jnp.minimum(d, num_buckets - 1) * qc + cols
-    got = jnp.stack([*fields, masks], -1).reshape(num_buckets * qc, -1).at[flat].get(mode="promise_in_bounds")
-    same = got[..., -1] & upto  # items up to and including t at item t's distance
-    ranked_before, relevant_before = unpack(got)
-    rank = (ranked_before + lax.population_count(same)).astype(jnp.int32)
-    hits = (relevant_before + lax.population_count(same & rel_mask)).astype(jnp.int32)
-    rel = ((rel_mask >> item) & 1) != 0
-    in_k = rel & (rank <= top_k)
-    ap_sum = ap_sum + jnp.where(in_k, hits.astype(jnp.float32) / rank.astype(jnp.float32), 0.0)
-    n_rel = n_rel + in_k.astype(jnp.int32)
-    pn = pn + (rel & (rank <= jnp.asarray(cutoffs, jnp.int32)[:, None, None])).astype(jnp.int32)
-    fields = advance(fields, lax.population_count(masks), lax.population_count(masks & rel_mask))
-    return (fields, (ap_sum, n_rel, pn)), None
-
-  # Per-lane sums (reduced once at the end): a reduction inside the loop costs more than the adds.
-  # Unrolling by two lets XLA:CPU run one block's distances beside the other's gathers, on two cores.
-  sums = (jnp.zeros((_BLOCK, qc), jnp.float32), jnp.zeros((_BLOCK, qc), jnp.int32),
-          jnp.zeros((len(cutoffs), _BLOCK, qc), jnp.int32))
-  _, (ap_sum, n_rel, pn) = lax.scan(rank_block, (fields, sums), (db_words, db_labels, valid), unroll=2)[0]
-  ap_sum, n_rel, pn = ap_sum.sum(0), n_rel.sum(0), pn.sum(1).T
-  if axis_name is not None:
-    ap_sum, n_rel, pn = lax.psum((ap_sum, n_rel, pn), axis_name)
-  return ap_sum, n_rel, pn, tot_all[0].T, tot_all[1].T
-
-
-def _sorted_chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, axis_name):
-  """The accelerator path of `_chunk_counts` (same arguments and results): a few wide kernels, no scans.
-
   The chunk's (queries, items) distances are a uint8 matrix (uint16 past 254 bits); one stable sort per
   query carries relevance along, so an item's position in its shard's order is its rank there
   (distance, then index), and a running sum of the sorted relevance its relevant count. Binary
@@ -271,19 +141,17 @@ def _sorted_chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_b
   return ap_sum, n_rel, pn, tot_all[0], tot_all[1]
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "num_buckets", "top_k", "cutoffs", "cap", "chunk_size", "mesh",
-                                             "axis_name"))
-def _ranking_counts(q_words, q_labels, db_words, db_labels, valid, *, kernel, num_buckets, top_k, cutoffs, cap,
-                    chunk_size, mesh, axis_name):
+@functools.partial(jax.jit, static_argnames=("num_buckets", "top_k", "cutoffs", "chunk_size", "mesh", "axis_name"))
+def _sorted_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets, top_k, cutoffs, chunk_size, mesh,
+                   axis_name):
   nq = q_words.shape[0]
   pad = -nq % chunk_size
   q_words = jnp.pad(q_words, ((0, pad), (0, 0))).reshape(-1, chunk_size, q_words.shape[1]).transpose(0, 2, 1)
   q_labels = jnp.pad(q_labels, ((0, pad), (0, 0))).reshape(-1, chunk_size, q_labels.shape[1]).transpose(0, 2, 1)
   kw = dict(num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs)
-  chunk_counts = functools.partial(_chunk_counts, cap=cap) if kernel == "bitmask" else _sorted_chunk_counts
 
   def run(q_words, q_labels, db_words, db_labels, valid, axis_name):
-    return lax.map(lambda q: chunk_counts(*q, db_words, db_labels, valid, axis_name=axis_name, **kw),
+    return lax.map(lambda q: _sorted_chunk_counts(*q, db_words, db_labels, valid, axis_name=axis_name, **kw),
                    (q_words, q_labels))
 
   if mesh is None:
@@ -296,10 +164,29 @@ def _ranking_counts(q_words, q_labels, db_words, db_labels, valid, *, kernel, nu
   return tuple(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:nq] for x in out)
 
 
+def _sort_kernel_counts(q_words, q_labels, db_words, db_labels, *, num_buckets, top_k, cutoffs, chunk_size, mesh,
+                        axis_name):
+  """Packed words -> `_sorted_counts` over a database padded to whole blocks per shard (sharded with a mesh)."""
+  n = len(db_words)
+  shards = 1 if mesh is None else mesh.shape[axis_name]
+  num_blocks = -(-max(n, 1) // (_BLOCK * shards)) * shards
+  if chunk_size is None:
+    nq = max(len(q_words), 1)
+    most = max(1, _SORT_PAIRS // (num_blocks // shards * _BLOCK))
+    chunk_size = -(-nq // -(-nq // most))  # equal chunks of at most `most`
+  valid = (np.arange(num_blocks * _BLOCK) < n).reshape(num_blocks, _BLOCK)
+  args = (q_words, q_labels, _block_layout(db_words, num_blocks), _block_layout(db_labels, num_blocks), valid)
+  if mesh is not None:
+    spec = [P(), P(), P(axis_name), P(axis_name), P(axis_name)]
+    args = tuple(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, spec))
+  return _sorted_counts(*args, num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs, chunk_size=int(chunk_size),
+                        mesh=mesh, axis_name=axis_name if mesh is not None else None)
+
+
 def default_kernel(mesh: Mesh | None = None) -> str:
-  """The ranking kernel that suits the devices: the bitmask scans on CPU, one sort per chunk elsewhere."""
+  """The ranking kernel that suits the devices: the host's counting pass on CPU, one sort per chunk elsewhere."""
   platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-  return "bitmask" if platform == "cpu" else "sort"
+  return "host" if platform == "cpu" else "sort"
 
 
 def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,
@@ -310,9 +197,9 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   Returns ap (Q,), hits_in_top_k (Q,) (relevant items within the top K), hits_at_cutoffs (Q, len(cutoffs))
   (relevant items within the top N for each cutoff N), hist and rel_hist (Q, bits + 1) (database and
   relevant items at each distance), and the resolved top_k.
-  `chunk_size` queries are processed at a time (any size; default: equal chunks of at most 8192, fewer for
-  the sort kernel on a large database). With `mesh`, the database is sharded over `axis_name`. `kernel` is
-  one of KERNELS (default: `default_kernel(mesh)`); both give the same counts.
+  `kernel` is one of KERNELS (default: `default_kernel(mesh)`); both give the same counts. The sort kernel
+  takes `chunk_size` queries at a time (any size; default: as many as keep a chunk's pairs within
+  _SORT_PAIRS) and, with `mesh`, shards the database over `axis_name`; the host kernel uses neither.
   """
   kernel = default_kernel(mesh) if kernel is None else kernel
   if kernel not in KERNELS:
@@ -339,26 +226,14 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   cutoffs = tuple(int(c) for c in cutoffs)
   if any(c <= 0 for c in cutoffs):
     raise ValueError(f"cutoffs must be positive, got {cutoffs}")
-  shards = 1 if mesh is None else mesh.shape[axis_name]
-  num_blocks = -(-max(n, 1) // (_BLOCK * shards * _HIST_GROUP)) * shards * _HIST_GROUP
-  if chunk_size is None:
-    nq = max(len(q_words), 1)
-    most = _CHUNK if kernel == "bitmask" else max(1, _SORT_PAIRS // (num_blocks // shards * _BLOCK))
-    chunk_size = -(-nq // -(-nq // most))  # equal chunks of at most `most`
-  valid = (np.arange(num_blocks * _BLOCK) < n).reshape(num_blocks, _BLOCK)
-  args = (q_words, q_lab, _block_layout(db_words, num_blocks), _block_layout(db_lab, num_blocks), valid)
-  if mesh is not None:
-    spec = [P(), P(), P(axis_name), P(axis_name), P(axis_name)]
-    args = tuple(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, spec))
-  # Ranks above rank_limit only need to read as such. Below _PACKED_RANK_LIMIT the rank table's two counts
-  # share a uint32, 16 bits each, saturating at cap = rank_limit (a field plus one block's count stays
-  # below 2**16). A rank is an entry plus at least 1, so a rank up to rank_limit comes from an entry
-  # below cap, which is exact, and a saturated entry gives a rank above rank_limit.
-  rank_limit = min(max((top_k, *cutoffs)), n)
-  ap_sum, n_rel, pn, hist, rhist = _ranking_counts(
-      *args, kernel=kernel, num_buckets=bits + 1, top_k=top_k, cutoffs=cutoffs,
-      cap=rank_limit if rank_limit < _PACKED_RANK_LIMIT else None, chunk_size=int(chunk_size), mesh=mesh,
-      axis_name=axis_name if mesh is not None else None)
+  if kernel == "host":
+    from hybridhash_jax import host_ranking  # pylint: disable=g-import-not-at-top  (numba: CPU only)
+    counts = map(jnp.asarray, host_ranking.ranking_counts(q_words, q_lab, db_words, db_lab, num_buckets=bits + 1,
+                                                          top_k=top_k, cutoffs=cutoffs))
+  else:
+    counts = _sort_kernel_counts(q_words, q_lab, db_words, db_lab, num_buckets=bits + 1, top_k=top_k,
+                                 cutoffs=cutoffs, chunk_size=chunk_size, mesh=mesh, axis_name=axis_name)
+  ap_sum, n_rel, pn, hist, rhist = counts
   ap = jnp.where(n_rel > 0, ap_sum / jnp.maximum(n_rel, 1), 0.0)
   return dict(ap=ap, hits_in_top_k=n_rel, hits_at_cutoffs=pn, hist=hist, rel_hist=rhist, top_k=top_k)
 

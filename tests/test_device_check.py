@@ -25,8 +25,20 @@ def test_smoke_prints_every_row():
       assert row == {"skipped": "cuDNN attention needs a GPU"}
     else:
       assert row["images_per_s"] > 0 and row["dtype"] == "bfloat16", (name, row)
-  assert set(table["map"]) == {f"{s}_{k}" for s in ("cifar10", "imagenet100") for k in ("bitmask", "sort")}
+  assert set(table["map"]) == {f"{s}_{k}" for s in ("cifar10", "imagenet100") for k in ("host", "sort")}
   for size in ("cifar10", "imagenet100"):
-    bitmask, srt = table["map"][f"{size}_bitmask"], table["map"][f"{size}_sort"]
-    assert srt["kernel"] == "sort" and bitmask["map"] == pytest.approx(srt["map"], abs=1e-6) and srt["map"] > 0
+    host, srt = table["map"][f"{size}_host"], table["map"][f"{size}_sort"]
+    assert srt["kernel"] == "sort" and host["map"] == pytest.approx(srt["map"], abs=1e-6) and srt["map"] > 0
   assert table["encode"]["paper_eval"]["images_per_s"] > 0
+
+
+def test_host_kernel_rows_are_skipped_without_numba(monkeypatch, capsys):
+  from experiments import device_check  # pylint: disable=g-import-not-at-top
+  real = device_check.importlib.util.find_spec
+  monkeypatch.setattr(device_check.importlib.util, "find_spec", lambda name: None if name == "numba" else real(name))
+  monkeypatch.setattr(device_check, "rows", lambda sizes: iter([("map", "tiny_host", lambda: {"ran": True}),
+                                                               ("map", "tiny_sort", lambda: {"ran": True})]))
+  device_check.main(["--smoke"])
+  table = json.loads(capsys.readouterr().out)
+  assert table["map"]["tiny_host"] == {"skipped": "the host kernel needs numba, not on this image"}
+  assert table["map"]["tiny_sort"]["ran"]

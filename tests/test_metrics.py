@@ -61,9 +61,10 @@ CASES = [  # seed, queries, database, bits, classes, multi-label, top_k, chunk
 
 @pytest.mark.parametrize("kernel", metrics.KERNELS)
 @pytest.mark.parametrize("seed,nq,ndb,bits,classes,multi,top_k,chunk", CASES)
-def test_matches_numpy_reference(seed, nq, ndb, bits, classes, multi, top_k, chunk, kernel):
+@pytest.mark.parametrize("long_cutoff", [True, False])  # with it, every item can count; without, ranks stop at K
+def test_matches_numpy_reference(seed, nq, ndb, bits, classes, multi, top_k, chunk, kernel, long_cutoff):
   q, db, ql, dbl = _data(seed, nq, ndb, bits, classes, multi)
-  cutoffs = (1, 3, 10, 64, ndb + 5)
+  cutoffs = (1, 3, 10, 64, ndb + 5) if long_cutoff else (1, 3)
   ref = _reference(q, db, ql, dbl, top_k, cutoffs)
   got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, top_k, cutoffs=cutoffs, chunk_size=chunk,
                                               kernel=kernel))
@@ -81,18 +82,32 @@ def test_matches_numpy_reference(seed, nq, ndb, bits, classes, multi, top_k, chu
   assert m["precision_at_radius_2"] == pytest.approx(ref["precision"][:, 2].mean(), abs=1e-12)
 
 
-@pytest.mark.parametrize("packed_below", [None, 0])  # the default packed rank table, and two int fields
-def test_ranks_past_the_limits_are_counted_exactly(monkeypatch, packed_below):
-  # top_k and cutoffs far below the database size: the packed table's counts saturate at 10 + 32, and
-  # items ranked beyond it must still count as outside the top K, never wrap into it.
-  if packed_below is not None:
-    monkeypatch.setattr(metrics, "_PACKED_RANK_LIMIT", packed_below)
+@pytest.mark.parametrize("kernel", metrics.KERNELS)
+def test_ranks_past_the_limits_are_counted_exactly(kernel):
+  # top_k and cutoffs far below the database size, 6 bits: the 10th item's distance bucket holds far
+  # more items than 10, and those ranked past it must count as outside the top K.
   q, db, ql, dbl = _data(11, 9, 700, 6, 3, True)
   ref = _reference(q, db, ql, dbl, 7, (1, 3, 10))
-  got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, 7, cutoffs=(1, 3, 10), chunk_size=4))
+  got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, 7, cutoffs=(1, 3, 10), chunk_size=4, kernel=kernel))
   np.testing.assert_allclose(got["ap"], ref["ap"], atol=1e-6)
   np.testing.assert_allclose(got["hits_at_cutoffs"] / np.array([1, 3, 10]), ref["pn"], atol=1e-12)
   np.testing.assert_array_equal(got["hist"], ref["hist"])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_host_kernel_splits_queries_and_tiles_exactly(monkeypatch, workers):
+  # 40 queries over 1,300 items (two whole tiles and a part): one worker takes chunks of 10 queries,
+  # which walk the database 8 and then 2 at a time; three take chunks of 3 or 4.
+  from hybridhash_jax import host_ranking  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(host_ranking, "threads", lambda: workers)
+  q, db, ql, dbl = _data(12, 40, 1300, 16, 5, True)
+  for top_k in (None, 30):
+    ref = _reference(q, db, ql, dbl, top_k, (7, 20))
+    got = jax.device_get(metrics.ranking_counts(q, db, ql, dbl, top_k, cutoffs=(7, 20), kernel="host"))
+    np.testing.assert_allclose(got["ap"], ref["ap"], atol=1e-6)
+    np.testing.assert_array_equal(got["hist"], ref["hist"])
+    np.testing.assert_array_equal(got["rel_hist"], ref["rel_hist"])
+    np.testing.assert_allclose(got["hits_at_cutoffs"] / np.array([7, 20]), ref["pn"], atol=1e-12)
 
 
 def test_packed_codes_and_class_ids_give_the_same_counts():
@@ -150,7 +165,7 @@ def test_one_tie_group_across_blocks_ranks_by_index(kernel):
 
 
 @pytest.mark.parametrize("seed,nq,ndb,bits,classes,multi,top_k,chunk", CASES)
-def test_sort_kernel_equals_bitmask_kernel(seed, nq, ndb, bits, classes, multi, top_k, chunk):
+def test_sort_kernel_equals_host_kernel(seed, nq, ndb, bits, classes, multi, top_k, chunk):
   # Every count is equal; the APs differ at most by float32 summation order.
   q, db, ql, dbl = _data(seed, nq, ndb, bits, classes, multi)
   mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
@@ -162,7 +177,7 @@ def test_sort_kernel_equals_bitmask_kernel(seed, nq, ndb, bits, classes, multi, 
 
 
 def test_kernel_follows_the_backend():
-  assert metrics.default_kernel() == "bitmask"  # the tests run on CPU
+  assert metrics.default_kernel() == "host"  # the tests run on CPU
   with pytest.raises(ValueError, match="kernel must be one of"):
     metrics.ranking_counts(HAND_Q, HAND_DB, HAND_QL, HAND_DBL, kernel="argsort")
 
