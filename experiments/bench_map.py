@@ -9,7 +9,7 @@ rank. Each side runs in its own subprocess so that its peak resident memory (ru_
 Prints JSON.
 
   python experiments/bench_map.py --sizes cifar,imagenet --repeats 3
-  python experiments/bench_map.py --sizes cifar --devices 2   # database sharded over 2 CPU devices (2 cores)
+  python experiments/bench_map.py --sizes cifar --kernels sort --devices 2   # sharded over 2 CPU devices
   python experiments/bench_map.py --sizes cifar --kernels host,sort   # both ranking kernels
   python experiments/bench_map.py --sizes custom --queries 5000 --db 1000000 --top_k 1000 \
       --baseline_queries 200   # GPU scale; the baseline runs on the first 200 queries only
@@ -85,10 +85,11 @@ def time_kernel(data, top_k, repeats, chunk_size=None, mesh=None, kernel=None) -
 
 
 def run_kernel(data, top_k, repeats, chunk_size, devices, kernel, out):
-  """Times the kernel; with devices > 1 the database is sharded over that many devices.
+  """Times the kernel; with devices > 1 the sort kernel shards the database over that many devices.
 
-  XLA:CPU runs one device's program on one core, so on a CPU host this is how the kernel uses several
-  cores: the host is split into `devices` CPU devices (set before the backend starts; no effect on GPU).
+  XLA:CPU runs one device's program on one core, so on a CPU host this is how the sort kernel uses
+  several cores: the host is split into `devices` CPU devices (set before the backend starts; no
+  effect on GPU). The host kernel uses every core whatever the devices.
   """
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_num_cpu_devices", max(devices, 1))
@@ -165,9 +166,9 @@ def main(argv):
   parser.add_argument("--flip", type=float, default=0.2, help="per-bit flip probability around the prototype")
   parser.add_argument("--baseline_queries", type=int, default=0, help="run the baseline on this many queries "
                       "(0 = all) and scale its time to all of them")
-  parser.add_argument("--chunk_size", type=int, default=None, help="queries per chunk (default: all, up to 8192)")
-  parser.add_argument("--devices", type=int, default=1, help="shard the database over this many devices (on a "
-                      "CPU host, that many CPU devices: one core each)")
+  parser.add_argument("--chunk_size", type=int, default=None, help="the sort kernel's queries per chunk")
+  parser.add_argument("--devices", type=int, default=1, help="the sort kernel shards the database over this "
+                      "many devices (on a CPU host, that many CPU devices: one core each)")
   parser.add_argument("--kernels", default="", help="comma list of ranking kernels to time (host, sort; "
                       "empty: the backend's default); the first is the one compared with the baseline")
   parser.add_argument("--faiss_k", type=int, default=1000, help="faiss IndexBinaryFlat top-k search (0: skip)")
