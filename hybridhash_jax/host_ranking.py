@@ -21,7 +21,8 @@ import numpy as np
 from numba import extending
 
 _TILE = 512  # items whose distances and relevance are computed together (vectorised) before counting
-_QUERIES = 8  # queries that walk the database together, a tile at a time
+_QUERIES = 8  # queries that walk the database together, a tile at a time (fewer on a large database)
+_RECORD_BYTES = 1 << 26  # most bytes of relevant-item records per walk: 12 per item per query
 
 
 @extending.intrinsic
@@ -84,18 +85,18 @@ def _walk(q_words, q_labels, db_words, db_labels, first, last, limit, dist, rel,
 
 
 @numba.njit(nogil=True, cache=True)
-def _count_queries(q_words, q_labels, db_words, db_labels, limit, top_k, cutoffs, first, last,
+def _count_queries(q_words, q_labels, db_words, db_labels, limit, top_k, cutoffs, first, last, width,
                    ap_sum, n_rel, hits_at, hist, rel_hist):
-  """Fills rows first..last of the outputs (see `ranking_counts`). Words are (words, items) uint64."""
+  """Fills rows first..last of the outputs (see `ranking_counts`), width queries a walk; words (W, n) uint64."""
   n = db_words.shape[1]
   buckets = hist.shape[1]
   dist = np.empty(_TILE, np.uint16)
   rel = np.empty(_TILE, np.uint64)
-  records = np.empty((_QUERIES, n, 3), np.int32)
-  m = np.zeros(_QUERIES, np.int64)
+  records = np.empty((width, n, 3), np.int32)
+  m = np.zeros(width, np.int64)
   below, rel_below = np.empty(buckets, np.int64), np.empty(buckets, np.int64)
-  for block in range(first, last, _QUERIES):
-    end = min(block + _QUERIES, last)
+  for block in range(first, last, width):
+    end = min(block + width, last)
     m[:] = 0
     _walk(q_words, q_labels, db_words, db_labels, block, end, limit, dist, rel, records, m, hist, rel_hist)
     for k in range(end - block):
@@ -142,8 +143,9 @@ def ranking_counts(q_words, q_labels, db_words, db_labels, *, num_buckets, top_k
          np.zeros((nq, num_buckets), np.int64), np.zeros((nq, num_buckets), np.int64))
   workers = threads()
   edges = np.linspace(0, nq, min(nq, 4 * workers) + 1).astype(np.int64)
+  width = max(1, min(_QUERIES, _RECORD_BYTES // (12 * max(n, 1))))
   with futures.ThreadPoolExecutor(workers) as pool:
-    done = [pool.submit(_count_queries, qw, ql, dw, dl, limit, top_k, cutoffs, a, b, *out)
+    done = [pool.submit(_count_queries, qw, ql, dw, dl, limit, top_k, cutoffs, a, b, width, *out)
             for a, b in zip(edges[:-1], edges[1:])]
     for f in done:
       f.result()

@@ -94,12 +94,14 @@ def test_ranks_past_the_limits_are_counted_exactly(kernel):
   np.testing.assert_array_equal(got["hist"], ref["hist"])
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_host_kernel_splits_queries_and_tiles_exactly(monkeypatch, workers):
+@pytest.mark.parametrize("workers,width", [(1, 8), (3, 8), (1, 3)])
+def test_host_kernel_splits_queries_and_tiles_exactly(monkeypatch, workers, width):
   # 40 queries over 1,300 items (two whole tiles and a part): one worker takes chunks of 10 queries,
-  # which walk the database 8 and then 2 at a time; three take chunks of 3 or 4.
+  # which walk the database 8 and then 2 at a time (or 3, 3, 3, 1 when the records' budget allows
+  # only 3); three workers take chunks of 3 or 4.
   from hybridhash_jax import host_ranking  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(host_ranking, "threads", lambda: workers)
+  monkeypatch.setattr(host_ranking, "_RECORD_BYTES", 12 * 1300 * width)
   q, db, ql, dbl = _data(12, 40, 1300, 16, 5, True)
   for top_k in (None, 30):
     ref = _reference(q, db, ql, dbl, top_k, (7, 20))
