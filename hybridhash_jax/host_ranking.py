@@ -121,9 +121,9 @@ def _count_queries(q_words, q_labels, db_words, db_labels, limit, top_k, cutoffs
 
 
 def _words64(words: np.ndarray) -> np.ndarray:
-  """(n, W) uint32 words -> (ceil(W / 2), n) uint64, item-minor so that a word's loop runs over items."""
+  """(n, W) uint32 words -> (n, ceil(W / 2)) uint64."""
   words = np.pad(words, ((0, 0), (0, words.shape[1] % 2)))
-  return np.ascontiguousarray(words.view("<u8").T.astype(np.uint64))
+  return words.view("<u8").astype(np.uint64)
 
 
 def threads() -> int:
@@ -135,8 +135,8 @@ def ranking_counts(q_words, q_labels, db_words, db_labels, *, num_buckets, top_k
   """Per-query (sum of precisions at relevant items in the top K, their number, hits at each cutoff,
   distance histogram, relevant-item histogram) as NumPy arrays; words are packed uint32 (n, W)."""
   nq, n = len(q_words), len(db_words)
-  qw, dw = _words64(q_words).T.copy(), _words64(db_words)
-  ql, dl = _words64(q_labels).T.copy(), _words64(db_labels)
+  qw, ql = _words64(q_words), _words64(q_labels)
+  dw, dl = (np.ascontiguousarray(_words64(x).T) for x in (db_words, db_labels))  # item-minor: loops run over items
   cutoffs = np.asarray(cutoffs, np.int64).reshape(-1)
   limit = min(max(top_k, *cutoffs, 0), n)
   out = (np.zeros(nq), np.zeros(nq, np.int64), np.zeros((nq, len(cutoffs)), np.int64),
