@@ -88,6 +88,21 @@ def test_one_step_on_four_devices_equals_one_device(tmp_path):
   assert np.abs(b1).sum() > 0  # the bank was written
 
 
+def test_fast_compiled_init_equals_the_default_compile(tmp_path, monkeypatch):
+  """The init is compiled at a lower LLVM level on CPU for speed; its params, optimiser state, bank and
+  rng are the default compile's, bit for bit (a one-level model keeps the default compile short)."""
+  config = tiny_config(**{"model.depths": (1,), "model.embed_dims": (8,), "model.num_heads": (1,)})
+  splits = input_pipeline.build_splits(config, str(tmp_path))
+  setup = train.build(config, splits, sharding.make_mesh(config.mesh))
+  fast = jax.device_get(train.initial_state(setup, config))
+  monkeypatch.setattr(train, "CPU_INIT_COMPILER_OPTIONS", {})
+  default = jax.device_get(train.initial_state(setup, config))
+  leaves = jax.tree.leaves(default)
+  assert len(leaves) > 20 and sum(np.abs(x).sum() > 0 for x in leaves) > 10
+  for a, b in zip(jax.tree.leaves(fast), leaves):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_fsdp_sharding_matches_replicated(tmp_path):
   """With a threshold the tiny model's larger leaves pass, FSDP really splits params and optimiser state,
   and a few steps give the losses and params of the replicated run."""
