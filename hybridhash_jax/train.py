@@ -32,7 +32,7 @@ from hybridhash_jax import sharding
 from hybridhash_jax.data import check
 
 # The init is one threefry draw per param, which XLA:CPU's default LLVM level (3) is slow to compile:
-# about 14 s of a small model's start, against about 5 s at level 2, with the same bits (a test checks).
+# 12-20 s of a small model's start, against about 6 s at level 2, with the same bits (a test checks).
 CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
