@@ -37,6 +37,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
+from hybridhash_jax import sharding
+
 _BLOCK = 32  # the sort kernel's database is padded to whole blocks per shard
 DEFAULT_CUTOFFS = tuple(range(100, 1001, 100))  # precision@N curve points
 _SORT_PAIRS = 1 << 27  # most (query, shard item) pairs per chunk of the sort kernel: some 20 bytes each
@@ -185,8 +187,7 @@ def _sort_kernel_counts(q_words, q_labels, db_words, db_labels, *, num_buckets, 
 
 def default_kernel(mesh: Mesh | None = None) -> str:
   """The ranking kernel that suits the devices: the host's counting pass on CPU, one sort per chunk elsewhere."""
-  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-  return "host" if platform == "cpu" else "sort"
+  return "host" if sharding.platform(mesh) == "cpu" else "sort"
 
 
 def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,

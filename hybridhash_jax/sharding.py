@@ -47,6 +47,11 @@ def make_mesh(mesh_config) -> Mesh:
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def platform(mesh: Mesh | None = None) -> str:
+  """The mesh's device platform ("cpu", "gpu", "tpu"), or the default backend's without a mesh."""
+  return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

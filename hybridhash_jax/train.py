@@ -137,7 +137,7 @@ def initial_state(setup: Setup, config) -> TrainState:
   init = functools.partial(_init_state, model=setup.model, tx=setup.tx, config=config,
                            bank_rows=setup.abstract_state.bank_u.shape[0],
                            num_classes=setup.abstract_state.bank_y.shape[1])
-  on_cpu = setup.mesh.devices.flat[0].platform == "cpu"
+  on_cpu = sharding.platform(setup.mesh) == "cpu"
   state = jax.jit(init, out_shardings=setup.state_shardings,
                   compiler_options=CPU_INIT_COMPILER_OPTIONS if on_cpu else None)(jax.random.PRNGKey(config.seed))
   if config.init_checkpoint:
