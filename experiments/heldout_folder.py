@@ -10,7 +10,6 @@ JAX_NUM_CPU_DEVICES=--devices, and prints JSON: per seed, the final mAP, the bes
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,8 +23,6 @@ from PIL import Image
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values, one run each.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "JAX_NUM_CPU_DEVICES of every run.")
 _OUT = flags.DEFINE_string("out", "/tmp/heldout", "Folder for the images and the runs' workdirs.")
-
-_EVAL = re.compile(r"eval step (\d+): mAP@\d+ ([0-9.]+)")
 
 
 def _write_images(root: str) -> int:
@@ -45,11 +42,13 @@ def _run(root: str, seed: str, workdir: str) -> dict:
   start = time.perf_counter()
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   wall = time.perf_counter() - start
-  evals = [(int(s), float(m)) for s, m in _EVAL.findall(proc.stderr)]
-  if proc.returncode or not evals:
+  results = os.path.join(workdir, "eval", "results.json")
+  if proc.returncode or not os.path.exists(results):
     sys.exit(f"seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-  return {"seed": int(seed), "final_map": evals[-1][1], "best_map": max(m for _, m in evals),
-          "steps": evals[-1][0], "wall_s": round(wall, 1)}
+  with open(results) as f:
+    r = json.load(f)
+  return {"seed": int(seed), "final_map": round(r["map"], 4), "best_map": round(r["best"]["map"], 4),
+          "steps": r["step"], "wall_s": round(wall, 1)}
 
 
 def main(argv):
