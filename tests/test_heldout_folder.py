@@ -26,7 +26,8 @@ def fake_mnist(monkeypatch):
 
 def _fake_main_run(runs, maps):
   """Stands in for `python -m hybridhash_jax.main`: records the command, writes eval/results.json."""
-  def run(cmd, env, **_):
+  def run(cmd, env, cwd, **_):
+    assert os.path.exists(os.path.join(cwd, "configs", "folder.py"))
     workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
     seed = int(next(a.split("=", 1)[1] for a in cmd if a.startswith("--config.seed=")))
     runs.append((cmd, env["JAX_NUM_CPU_DEVICES"]))
