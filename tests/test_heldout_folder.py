@@ -48,6 +48,7 @@ def test_writes_the_tree_and_tabulates_each_seed(fake_mnist, monkeypatch, tmp_pa
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "images" / str(label) / f"{i:05d}.png")),
                                   pixels.reshape(28, 28))
   assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["0", "1", "2"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "seed3_dev2", "seed5_dev2"]  # no partial tree left
   assert [d for _, d in runs] == ["2", "2"]
   assert all("--config=configs/folder.py" in c and f"--config.data.root={tmp_path / 'images'}" in c for c, _ in runs)
   table = json.loads(capsys.readouterr().out)
