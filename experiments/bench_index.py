@@ -28,17 +28,17 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hybridhash_jax import checkpoints  # pylint: disable=wrong-import-position
-from hybridhash_jax import encoding  # pylint: disable=wrong-import-position
-from hybridhash_jax import hamming_index  # pylint: disable=wrong-import-position
-from hybridhash_jax import models  # pylint: disable=wrong-import-position
-from PIL import Image  # pylint: disable=wrong-import-position
+from hybridhash_jax import checkpoints
+from hybridhash_jax import encoding
+from hybridhash_jax import hamming_index
+from hybridhash_jax import models
+from PIL import Image
 
 K = 10
 
 
 def _config(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
   spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -115,12 +115,14 @@ def bench_search(n: int, bits: int, flip: float, num_queries: int, batch: int) -
     ours = hamming_index.HammingIndex("(memory)", {"bits": bits}, index, items, db)
     if kind == "multihash":
       index.nflip = 0
+    raw = lambda q, index=index: index.search(q, K)
+    stable = lambda q, ours=ours: ours.search(q, k=K)
     out[kind] = {
         "params": params, "add_s": add_s,
-        "faiss_search": {**_latency(lambda q: index.search(q, K), queries[:num_queries]),
-                         "batched_queries_per_s": _throughput(lambda q: index.search(q, K), queries[:batch])},
-        "stable_search": {**_latency(lambda q: ours.search(q, k=K), queries[:num_queries]),
-                          "batched_queries_per_s": _throughput(lambda q: ours.search(q, k=K), queries[:batch])}}
+        "faiss_search": {**_latency(raw, queries[:num_queries]),
+                         "batched_queries_per_s": _throughput(raw, queries[:batch])},
+        "stable_search": {**_latency(stable, queries[:num_queries]),
+                          "batched_queries_per_s": _throughput(stable, queries[:batch])}}
   scan = lambda qs: [numpy_scan(db, q, K) for q in qs]
   out["numpy_scan"] = {**_latency(scan, queries[:num_queries]),
                        "batched_queries_per_s": _throughput(scan, queries[:min(batch, num_queries)])}

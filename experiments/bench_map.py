@@ -65,8 +65,8 @@ def _peak_mb():
 
 def time_kernel(data, top_k, repeats, chunk_size=None, mesh=None, kernel=None) -> dict:
   """Times `metrics.mean_average_precision` in this process: the first call (compiling) and the best of `repeats`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from hybridhash_jax import metrics  # pylint: disable=g-import-not-at-top
+  import jax
+  from hybridhash_jax import metrics
   q_codes, q_labels, db_codes, db_labels = data
   kw = dict(chunk_size=chunk_size, mesh=mesh, kernel=kernel)
   t0 = time.perf_counter()
@@ -91,9 +91,9 @@ def run_kernel(data, top_k, repeats, chunk_size, devices, kernel, out):
   several cores: the host is split into `devices` CPU devices (set before the backend starts; no
   effect on GPU). The host kernel uses every core whatever the devices.
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   jax.config.update("jax_num_cpu_devices", max(devices, 1))
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh
   if len(jax.devices()) < devices:
     raise ValueError(f"--devices {devices} but only {len(jax.devices())} {jax.default_backend()} devices")
   mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
@@ -109,7 +109,7 @@ def run_baseline(data, top_k, out):
 
 def run_faiss(data, k, threads, out):
   """Times faiss's exact binary top-k search (codes packed to bytes, as faiss stores them)."""
-  import faiss  # pylint: disable=g-import-not-at-top
+  import faiss
   faiss.omp_set_num_threads(threads)
   q_codes, _, db_codes, _ = data
   pack = lambda c: np.packbits(c >= 0, axis=1)

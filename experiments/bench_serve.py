@@ -4,9 +4,9 @@ Runs `python -m hybridhash_jax.serve` twice, each on a free loopback port, with 
 on and off, and sends each --requests searches by upload (the index's own PNG files), then --requests
 by id, from --clients concurrent clients (after a warm-up of --warmup of each), the two servers
 taking turns block by block (each going first in every other block). Searches by id encode nothing:
-their on/off difference is the noise of the machine. Reports p50/p99 latency, throughput and errors (any error, or any response but 200, fails
-the run), the batch sizes, and each server's resident memory (VmRSS) after the warm-up, the uploads
-and the id searches. Prints JSON.
+their on/off difference is the noise of the machine. Reports p50/p99 latency, throughput and errors
+(any error, or any response but 200, fails the run), the batch sizes, and each server's resident memory
+(VmRSS) after the warm-up, the uploads and the id searches. Prints JSON.
 
   python -m experiments.bench_serve      # a demo: the quickstart's model (random weights) over 2,000 images
   python -m experiments.bench_serve --index=OUT [--workdir=W | --encoder=PATH] --requests=2000 --clients=8
@@ -115,7 +115,7 @@ def _compare(args, uploads: list[bytes], size: int, log) -> dict:
       for mode, (proc, _) in servers.items():
         out[mode][kind] = _summary(*runs[mode])
         out[mode]["rss_mb"][f"after_{kind}"] = _rss_mb(proc.pid)
-    for mode, (proc, url) in servers.items():
+    for mode, (_, url) in servers.items():
       rss = out[mode]["rss_mb"]
       batches = httpx.get(f"{url}/api/info").json()["batcher"]["batches"]
       out[mode].update(rss_growth_mb=round(rss["after_id"] - rss["after_warmup"], 1), batches=batches,

@@ -116,7 +116,7 @@ def main(argv):
       t0 = time.perf_counter()
       try:
         table[section][name] = dict(thunk(), row_s=time.perf_counter() - t0)
-      except Exception as e:  # pylint: disable=broad-except; one failing row must not lose the others
+      except Exception as e:  # noqa: BLE001  # one failing row must not lose the others
         table[section][name] = dict(error=f"{type(e).__name__}: {e}"[:500])
   table["total_s"] = time.perf_counter() - start
   print(json.dumps(table, indent=1))

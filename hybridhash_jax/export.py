@@ -24,7 +24,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 def _lower(fn, args, platforms):
   try:
     return jax.export.export(jax.jit(fn), platforms=platforms)(*args)
-  except Exception as e:  # pylint: disable=broad-except; a platform this jax cannot lower for
+  except Exception as e:  # noqa: BLE001  # a platform this jax cannot lower for
     logging.warning("cannot lower the encoder for %s: %s", platforms, e)
     return None
 

@@ -28,7 +28,7 @@ def load(path: str):
                 for i, p in enumerate(info["params"])]
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{path}: no exported encoder there") from e
-  except Exception as e:  # pylint: disable=broad-except; a zip, JSON or serialisation error all mean "this file"
+  except Exception as e:  # noqa: BLE001  # a zip, JSON or serialisation error all mean "this file"
     raise ValueError(f"{path}: not an exported encoder ({type(e).__name__}: {e})") from e
   params = [jax.device_put(p) for p in params]
 

@@ -145,7 +145,7 @@ class HammingIndex:
       raise ValueError(f"{directory}: the index files do not hold {bits}-bit codes")
     return cls(directory, info, index, table, codes)
 
-  def item(self, id: int) -> dict:  # pylint: disable=redefined-builtin
+  def item(self, id: int) -> dict:
     """{"id", "path" (relative), "size", "mtime" (seconds), "label"}; KeyError for an unknown id."""
     if not 0 <= int(id) < len(self):
       raise KeyError(f"no item {id} in the index {self.directory} ({len(self)} items)")
@@ -153,7 +153,7 @@ class HammingIndex:
     return {"id": i, "path": self._items["path"][i], "size": self._items["size"][i],
             "mtime": self._items["mtime_ns"][i] / 1e9, "label": self._items["label"][i]}
 
-  def item_path(self, id: int) -> str:  # pylint: disable=redefined-builtin
+  def item_path(self, id: int) -> str:
     """The absolute path of an indexed file."""
     return os.path.join(self.info["images"], self.item(id)["path"])
 
@@ -355,8 +355,8 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
   if os.path.exists(os.path.join(out, INDEX_JSON)):
     old = HammingIndex.open(out)
     if _identity(old.info) == identity and old.info.get("images") == root:
-      previous = {p: (s, m, old._codes[i]) for i, (p, s, m) in enumerate(  # pylint: disable=protected-access
-          zip(old._items["path"], old._items["size"], old._items["mtime_ns"]))}  # pylint: disable=protected-access
+      previous = {p: (s, m, old._codes[i]) for i, (p, s, m) in enumerate(
+          zip(old._items["path"], old._items["size"], old._items["mtime_ns"]))}
     else:
       logging.info("%s was built by another encoder or from other images: re-encoding everything", out)
   staging = _Staging(out, {**identity, "images": root}, process_index)

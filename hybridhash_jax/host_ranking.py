@@ -26,8 +26,8 @@ _RECORD_BYTES = 1 << 26  # most bytes of relevant-item records per walk: 12 per 
 
 
 @extending.intrinsic
-def _popcount(typingctx, x):  # pylint: disable=unused-argument
-  def codegen(context, builder, sig, args):  # pylint: disable=unused-argument
+def _popcount(typingctx, x):
+  def codegen(context, builder, sig, args):
     return builder.ctpop(args[0])
   return x(x), codegen
 

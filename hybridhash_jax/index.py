@@ -63,15 +63,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _encoder(args, info: dict | None = None):
-  from hybridhash_jax import encoding  # pylint: disable=g-import-not-at-top; after jax.distributed
+  from hybridhash_jax import encoding  # after jax.distributed
   return encoding.open_encoder(args.workdir, args.encoder, args.step, info)
 
 
 def _build(args) -> None:
   sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from hybridhash_jax import hamming_index  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental import multihost_utils
+  from hybridhash_jax import hamming_index
   multi = jax.process_count() > 1
   info = hamming_index.build(_encoder(args), args.images, args.index, kind=args.kind, chunk_size=args.chunk,
                              nhash=args.nhash, nlist=args.nlist, process_index=jax.process_index(),
@@ -89,8 +89,8 @@ def _query_label(path: str) -> str:
 
 
 def _search(args) -> None:
-  from hybridhash_jax import hamming_index  # pylint: disable=g-import-not-at-top
-  from hybridhash_jax.data import images  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import hamming_index
+  from hybridhash_jax.data import images
   index = hamming_index.HammingIndex.open(args.index)
   k = 10 if args.k is None and args.radius is None else args.k
   encoder = None
@@ -118,8 +118,8 @@ def _search(args) -> None:
 
 
 def _grid(args, index, encoder, queries, query_labels, hits) -> None:
-  from hybridhash_jax import plots  # pylint: disable=g-import-not-at-top
-  from hybridhash_jax.data import images  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import plots
+  from hybridhash_jax.data import images
   encoder = encoder or _encoder(args, index.info)
 
   def view(path):
@@ -139,14 +139,14 @@ def _grid(args, index, encoder, queries, query_labels, hits) -> None:
 
 
 def _export(args) -> None:
-  from hybridhash_jax import hamming_index  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import hamming_index
   for path in hamming_index.export(hamming_index.HammingIndex.open(args.index), args.output, args.format):
     print(path)
 
 
 def main(argv=None) -> None:
   args = _parser().parse_args(argv)
-  from hybridhash_jax.data import images  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax.data import images
   try:
     {"build": _build, "search": _search, "export": _export}[args.command](args)
   except (FileNotFoundError, ValueError, KeyError, images.BadImageError) as e:

@@ -103,7 +103,8 @@ def normalize(images_uint8):
 def steps_per_epoch(config, splits: Splits) -> int:
   steps = len(splits.train) // config.batch_size
   if steps < 1:
-    raise errors.ConfigError(f"config.batch_size={config.batch_size} is larger than the {len(splits.train)} training images")
+    raise errors.ConfigError(
+        f"config.batch_size={config.batch_size} is larger than the {len(splits.train)} training images")
   return steps
 
 

@@ -29,8 +29,8 @@ def main(argv):
   del argv
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   # Imported after distributed init: nothing may touch the backend before it.
-  from hybridhash_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from hybridhash_jax import train  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import evaluate
+  from hybridhash_jax import train
 
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)

@@ -14,7 +14,7 @@ class MetricWriter:
     self._active = jax.process_index() == 0
     if not self._active:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import SummaryWriter
     self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
     self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 

@@ -120,11 +120,13 @@ def _sorted_chunk_counts(q_words, q_labels, db_words, db_labels, valid, *, num_b
   words, labels = (x.reshape(-1, x.shape[-1]) for x in (db_words, db_labels))
   d = sum(lax.population_count(q_words[w][:, None] ^ words[None, :, w]) for w in range(words.shape[1]))
   d = jnp.where(valid.reshape(1, -1), d, num_buckets).astype(jnp.uint8 if num_buckets < 255 else jnp.uint16)
-  rel = functools.reduce(jnp.bitwise_or, [q_labels[w][:, None] & labels[None, :, w] for w in range(labels.shape[1])]) != 0
+  rel = functools.reduce(jnp.bitwise_or,
+                         [q_labels[w][:, None] & labels[None, :, w] for w in range(labels.shape[1])]) != 0
   sorted_d, sorted_rel = lax.sort((d, rel.astype(jnp.uint8)), dimension=1, is_stable=True, num_keys=1)
   search = jax.vmap(jnp.searchsorted, in_axes=(0, None, None))
   below = search(sorted_d, jnp.arange(num_buckets + 1, dtype=d.dtype), "left")  # (qc, V + 1): items at d < v
-  rel_upto = jnp.pad(jnp.cumsum(sorted_rel, 1, dtype=jnp.int32), ((0, 0), (1, 0)))  # (qc, n + 1): relevant items before a position
+  # (qc, n + 1): relevant items before a position
+  rel_upto = jnp.pad(jnp.cumsum(sorted_rel, 1, dtype=jnp.int32), ((0, 0), (1, 0)))
   edges = jnp.stack([below, jnp.take_along_axis(rel_upto, below, 1)])  # items (relevant ones) at d < v
   tot = jnp.diff(edges, axis=-1)  # (2, qc, V); far (padding) items are past the last bucket
   before, tot_all = _shard_offsets(tot, axis_name)
@@ -228,7 +230,7 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   if any(c <= 0 for c in cutoffs):
     raise ValueError(f"cutoffs must be positive, got {cutoffs}")
   if kernel == "host":
-    from hybridhash_jax import host_ranking  # pylint: disable=g-import-not-at-top  (numba: CPU only)
+    from hybridhash_jax import host_ranking  # (numba: CPU only)
     counts = map(jnp.asarray, host_ranking.ranking_counts(q_words, q_lab, db_words, db_lab, num_buckets=bits + 1,
                                                           top_k=top_k, cutoffs=cutoffs))
   else:

@@ -8,10 +8,10 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.pyplot as plt
+import numpy as np
 
-from hybridhash_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hybridhash_jax import files
 
 _GREEN, _RED, _WHITE = (0, 170, 0), (220, 0, 0), (255, 255, 255)
 

@@ -245,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       save(step)
       mngr.wait_until_finished()
       logging.warning("Saved step %d to %s before stopping on the error below.", step, mngr.directory)
-    except Exception as e:  # pylint: disable=broad-except; the original error is the one to report
+    except Exception as e:  # noqa: BLE001  # the original error is the one to report
       logging.warning("Could not save step %d before stopping: %s", step, e)
 
   start_step = step

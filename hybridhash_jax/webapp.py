@@ -102,7 +102,7 @@ def _decode_upload(data: bytes, name: str) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as img:  # the header only
       pixels = img.width * img.height
-  except Exception:  # pylint: disable=broad-except; decode_bytes names the problem below
+  except Exception:  # noqa: BLE001  # decode_bytes names the problem below
     pixels = 0
   try:
     if pixels > Image.MAX_IMAGE_PIXELS:
@@ -149,7 +149,7 @@ def create_app(index, encoder, *, max_upload_bytes: int = 10 * 2**20, batch_wind
   app.add_middleware(_BodyLimit, limit=max_upload_bytes)
 
   @app.exception_handler(Exception)
-  async def internal_error(request, exc):  # pylint: disable=unused-argument; the traceback goes to the log only
+  async def internal_error(request, exc):  # the traceback goes to the log only
     return _error(500, "internal server error")
 
   def page(route):

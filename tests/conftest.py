@@ -33,5 +33,5 @@ def golden_dir():
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
   """A tiny index with its encoder and checkpoint, shared by the web app's tests (which only read it)."""
-  from tests import serve_fixtures  # pylint: disable=g-import-not-at-top
+  from tests import serve_fixtures
   return serve_fixtures.make(str(tmp_path_factory.mktemp("served")))

@@ -114,7 +114,7 @@ def write_bomb_png(path: str, side: int = 20_000) -> None:
 
 def write_digits_folder(root: str) -> None:
   """scikit-learn's 8x8 digits as `root/<digit>/<i>.png` RGB files: a real class-folder tree."""
-  from hybridhash_jax.data import digits  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax.data import digits
   images, ids = digits.load()
   for i, (image, c) in enumerate(zip(images, ids)):
     write_image(os.path.join(root, f"digit_{c}", f"{i:04d}.png"), image)

@@ -84,7 +84,8 @@ def test_folder_split_labels_and_reuse(tmp_path):
     for i in range(len(split)):
       cls = split.files[i].split("/")[0]
       assert np.argmax(split[i]["label"]) == ["ant", "cat", "dog"].index(cls) and split[i]["label"].sum() == 1
-  assert not set(splits.query.files) & set(splits.database.files) and set(splits.train.files) <= set(splits.database.files)
+  assert not set(splits.query.files) & set(splits.database.files)
+  assert set(splits.train.files) <= set(splits.database.files)
   data_fixtures.write_folder(root, {"cat": 9})  # new files do not move a saved split
   again = input_pipeline.build_splits(c, str(tmp_path / "w"))
   assert again.train.files == splits.train.files
@@ -98,7 +99,8 @@ def test_folder_trains_on_the_whole_database_and_names_a_small_class(tmp_path):
   data_fixtures.write_folder(root, {"cat": 7, "ant": 3})
   splits = input_pipeline.build_splits(_config("folder", root, num_classes=-1, query_per_class=2, train_per_class=-1))
   assert (len(splits.query), len(splits.train)) == (4, 6) and splits.train.files == splits.database.files
-  with pytest.raises(ValueError, match=r"class 'ant' has 3 images.*query_per_class=3.*lower config.data.query_per_class to at most 2"):
+  with pytest.raises(ValueError, match=r"class 'ant' has 3 images.*query_per_class=3.*"
+                     r"lower config.data.query_per_class to at most 2"):
     input_pipeline.build_splits(_config("folder", root, num_classes=-1, query_per_class=3, train_per_class=-1))
   with pytest.raises(ValueError, match=r"train_per_class=-1.*must be > 0"):
     input_pipeline.build_splits(_config("digits", num_classes=10, query_per_class=3, train_per_class=-1))
@@ -123,7 +125,8 @@ def test_decode_modes(tmp_path):
       "rgba.png": (Image.fromarray(np.concatenate([rgb, gray[..., None]], -1)), rgb),
       "p.png": (Image.fromarray(rgb).quantize(16), None),
       "i16.png": (Image.fromarray(gray.astype(np.uint16) * 257), np.repeat(gray[..., None], 3, -1)),
-      "cmyk.tif": (Image.fromarray(rgb).convert("CMYK"), np.asarray(Image.fromarray(rgb).convert("CMYK").convert("RGB"))),
+      "cmyk.tif": (Image.fromarray(rgb).convert("CMYK"),
+                   np.asarray(Image.fromarray(rgb).convert("CMYK").convert("RGB"))),
   }
   for name, (img, want) in cases.items():
     img.save(tmp_path / name)

@@ -33,7 +33,7 @@ def test_smoke_prints_every_row():
 
 
 def test_host_kernel_rows_are_skipped_without_numba(monkeypatch, capsys):
-  from experiments import device_check  # pylint: disable=g-import-not-at-top
+  from experiments import device_check
   real = device_check.importlib.util.find_spec
   monkeypatch.setattr(device_check.importlib.util, "find_spec", lambda name: None if name == "numba" else real(name))
   monkeypatch.setattr(device_check, "rows", lambda sizes: iter([("map", "tiny_host", lambda: {"ran": True}),

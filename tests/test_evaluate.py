@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from hybridhash_jax import evaluate
 from hybridhash_jax import input_pipeline

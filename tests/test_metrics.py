@@ -99,7 +99,7 @@ def test_host_kernel_splits_queries_and_tiles_exactly(monkeypatch, workers, widt
   # 40 queries over 1,300 items (two whole tiles and a part): one worker takes chunks of 10 queries,
   # which walk the database 8 and then 2 at a time (or 3, 3, 3, 1 when the records' budget allows
   # only 3); three workers take chunks of 3 or 4.
-  from hybridhash_jax import host_ranking  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import host_ranking
   monkeypatch.setattr(host_ranking, "threads", lambda: workers)
   monkeypatch.setattr(host_ranking, "_RECORD_BYTES", 12 * 1300 * width)
   q, db, ql, dbl = _data(12, 40, 1300, 16, 5, True)

@@ -83,12 +83,13 @@ def test_link_click_random_and_upload(url, served, tmp_path, device):
     grid = _rendered(driver, "item 4:")
     assert len(grid) == 8 and len({g["distance"] for g in grid}) > 1  # an order to get wrong
     _same(grid, result)
-    header = driver.execute_script("return [...document.querySelectorAll('#info dt, #info dd')].map((e) => e.textContent)")
-    assert header == ["items", "18", "bits", "16", "model", "img_size 16, embed_dims 8/16/16, depths 1/1/1", "step", "7"]
+    header = driver.execute_script(
+        "return [...document.querySelectorAll('#info dt, #info dd')].map((e) => e.textContent)")
+    assert header == ["items", "18", "bits", "16", "model", "img_size 16, embed_dims 8/16/16, depths 1/1/1",
+                      "step", "7"]
     code = driver.find_element(By.ID, "query-code").text
     assert code.replace(" ", "") == result["query"]["code"] and len(code.split()) == 2  # 16 bits, bytes apart
     _screenshot(driver, tmp_path, f"search_{device}")
-    print(driver.execute_script("return [window.innerWidth, document.documentElement.clientWidth, document.documentElement.scrollWidth, [...document.querySelectorAll('*')].filter(e => e.getBoundingClientRect().right > 360).map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + e.getBoundingClientRect().right).slice(0, 15)]"))
     width = driver.execute_script("return document.documentElement.scrollWidth")
     assert width <= WIDTHS[device][0], f"the page scrolls sideways at {WIDTHS[device][0]} px"
 

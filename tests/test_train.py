@@ -26,7 +26,7 @@ TINY = REPO / "tests" / "configs" / "tiny_train.py"
 
 def tiny_config(**overrides):
   sys.path.insert(0, str(TINY.parent))
-  import tiny_train  # pylint: disable=g-import-not-at-top
+  import tiny_train
   c = tiny_train.get_config()
   for k, v in overrides.items():
     node = c
@@ -197,7 +197,7 @@ def test_wrong_checkpoint_is_refused_naming_the_field(tmp_path):
     train.train_and_evaluate(tiny_config(num_train_steps=8, **{"model.bits": 32}), str(tmp_path))
   with pytest.raises(ValueError, match=r"model\.embed_dims"):
     train.train_and_evaluate(tiny_config(num_train_steps=8, **{"model.embed_dims": (8, 16, 24)}), str(tmp_path))
-  from hybridhash_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import evaluate
   with pytest.raises(ValueError, match=r"model\.bits"):
     evaluate.evaluate_checkpoint(tiny_config(**{"model.bits": 32}), str(tmp_path))
   with pytest.raises(ValueError, match=r"model\.token_layout"):  # no parameter of its own, yet other outputs
@@ -222,7 +222,7 @@ def test_checkpoint_restore_params_roundtrip(tmp_path):
   config = tiny_config(num_train_steps=4)
   train.train_and_evaluate(config, str(tmp_path))
   step, params, _ = restore_state(tmp_path)
-  from hybridhash_jax import models  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import models
   abstract = models.abstract_params(models.from_config(config.model))
   restored, saved, s = checkpoints.restore_params(str(tmp_path / "checkpoints"), abstract, config.to_dict())
   assert s == step and saved["model"]["bits"] == 16
@@ -281,7 +281,7 @@ def test_missing_init_checkpoint_exits_with_one_message(tmp_path):
 def test_skipped_training_images_leave_the_bank_pairs(tmp_path, monkeypatch):
   """The check's bad training rows form no pair; rows past the training set (the reference's zero
   rows, loss.memory_bank_size larger than it) still do."""
-  from tests import data_fixtures  # pylint: disable=g-import-not-at-top
+  from tests import data_fixtures
   root = str(tmp_path / "data")
   rows = data_fixtures.write_listfile(root, {"train": 16, "query": 4, "database": 8}, num_classes=5)
   with open(os.path.join(root, rows["train"][3][0]), "wb") as f:
@@ -299,8 +299,8 @@ def test_skipped_training_images_leave_the_bank_pairs(tmp_path, monkeypatch):
 
 
 def test_an_error_after_training_began_saves_a_checkpoint_first(tmp_path, monkeypatch):
-  from hybridhash_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from hybridhash_jax.data import images  # pylint: disable=g-import-not-at-top
+  from hybridhash_jax import evaluate
+  from hybridhash_jax.data import images
 
   def bad_database(*args, **kwargs):
     raise images.BadImageError("db/7.png: cannot decode image (truncated)")

@@ -62,7 +62,7 @@ def _parse_py(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
   try:
     d = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     flat, labels = np.asarray(d[b"data"], np.uint8), np.asarray(d[b"labels"], np.int64)
-  except Exception as e:  # pylint: disable=broad-except; any failure means "not a CIFAR-10 batch"
+  except Exception as e:  # noqa: BLE001  # any failure means "not a CIFAR-10 batch"
     raise errors.DataError(f"{where}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
   if flat.ndim != 2 or flat.shape[1] != _RECORD - 1 or len(labels) != len(flat):
     raise errors.DataError(f"{where}: expected data (N, 3072) and N labels, got {flat.shape} and {len(labels)}")
@@ -114,10 +114,10 @@ def load_archive(root: str) -> tuple[np.ndarray, np.ndarray]:
 
 def open_tfds(data_dir: str) -> list:
   """The prepared TFDS train and test splits as random-access sources."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top; only this source needs it
+  import tensorflow_datasets as tfds  # only this source needs it
   try:
     return [tfds.data_source("cifar10", split=s, data_dir=data_dir or None, download=False) for s in ("train", "test")]
-  except Exception as e:  # pylint: disable=broad-except; TFDS raises several types for "not prepared"
+  except Exception as e:  # noqa: BLE001  # TFDS raises several types for "not prepared"
     raise FileNotFoundError(
         f"config.data.tfds_data_dir={data_dir!r}: TFDS cifar10 is not prepared there in ArrayRecord format. "
         f"Prepare it once, where TensorFlow is installed: `{TFDS_BUILD}`, or use the official archive "

@@ -15,7 +15,7 @@ NUM_CLASSES = 10
 
 def load() -> tuple[np.ndarray, np.ndarray]:
   """uint8 (1797, 8, 8, 3) images and their class ids."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top; scikit-learn is only needed here
+  from sklearn import datasets  # scikit-learn is only needed here
   digits = datasets.load_digits()
   gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
   return np.repeat(gray[..., None], 3, axis=-1), digits.target.astype(np.int64)

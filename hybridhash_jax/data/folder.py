@@ -29,7 +29,8 @@ def scan(root: str) -> tuple[list[str], list[str], np.ndarray]:
     found = sorted(e.name for e in os.scandir(os.path.join(root, name))
                    if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(images.EXTENSIONS))
     if not found:
-      raise errors.DataError(f"{os.path.join(root, name)}: class folder with no images ({', '.join(images.EXTENSIONS)})")
+      raise errors.DataError(
+          f"{os.path.join(root, name)}: class folder with no images ({', '.join(images.EXTENSIONS)})")
     files += [f"{name}/{f}" for f in found]
     ids += [c] * len(found)
   return classes, files, np.asarray(ids, np.int64)

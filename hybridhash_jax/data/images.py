@@ -38,7 +38,7 @@ def _decode(source, name: str) -> np.ndarray:
     with Image.open(source) as img:
       img.load()  # decodes now, so truncation raises here rather than as a grey tail
       return _to_rgb(img)
-  except Exception as e:  # pylint: disable=broad-except; PIL raises many types on corrupt data, all mean "this file"
+  except Exception as e:  # noqa: BLE001  # PIL raises many types on corrupt data, all mean "this file"
     raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
