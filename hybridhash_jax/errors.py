@@ -1,13 +1,26 @@
-"""Errors that mean "fix your input", not "a bug": the entry points print them as one `error:` line.
+"""Errors that mean "fix your input", not "a bug": the command-line tools print them as one `error:` line.
 
-Both are ValueErrors, so library callers that catch ValueError keep working; `main.py` reports
-these (and FileNotFoundError) without a traceback, and lets every other exception show its trace.
+Every one is a `UserError`. The entry points report those without a traceback and let every other
+exception show its trace. Config, data and checkpoint errors are also ValueErrors, so library callers
+that catch ValueError keep working.
 """
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """Something the user can fix; the message names it (a file, a field, a step)."""
+
+
+class ConfigError(UserError, ValueError):
   """A config value (or flag, or config argument) no run can use; the message names the field."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A dataset file or entry that cannot be used; the message names the file (and line)."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint that cannot be read or does not fit the run; the message names the step and the file."""
+
+
+class WorkdirBusyError(UserError):
+  """Another training run holds the workdir; the message names its host and PID."""
