@@ -5,6 +5,8 @@ exception show its trace. Config, data and checkpoint errors are also ValueError
 that catch ValueError keep working.
 """
 
+import importlib
+
 
 class UserError(Exception):
   """Something the user can fix; the message names it (a file, a field, a step)."""
@@ -24,3 +26,15 @@ class CheckpointError(UserError, ValueError):
 
 class WorkdirBusyError(UserError):
   """Another training run holds the workdir; the message names its host and PID."""
+
+
+class MissingExtraError(UserError, ImportError, ValueError):
+  """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def import_extra(module: str, extra: str):
+  """Imports `module` of the `hybridhash-jax[extra]` install, or says which extra to install."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise MissingExtraError(f"{module} is not installed: pip install 'hybridhash-jax[{extra}]'") from e

@@ -34,15 +34,18 @@ import shutil
 import time
 
 from absl import logging
-import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from hybridhash_jax import checkpoints
+from hybridhash_jax import errors
 from hybridhash_jax import metrics
 from hybridhash_jax.data import images as images_lib
+
+# The `search` extra: the training and evaluation path never imports this module.
+faiss = errors.import_extra("faiss", "search")
+pa = errors.import_extra("pyarrow", "search")
+pq = errors.import_extra("pyarrow.parquet", "search")
 
 INDEX_JSON = "index.json"
 STAGING = ".staging"

@@ -9,11 +9,8 @@ encoder of another model) ends with one `error: ...` line and exit status 1.
 import argparse
 import sys
 
-import uvicorn
-
 from hybridhash_jax import encoding
-from hybridhash_jax import hamming_index
-from hybridhash_jax import webapp
+from hybridhash_jax import errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
   args = _parser().parse_args(argv)
   try:
+    uvicorn = errors.import_extra("uvicorn", "serve")
+    errors.import_extra("fastapi", "serve")
+    from hybridhash_jax import hamming_index  # the `serve` extra's modules, imported once it is known present
+    from hybridhash_jax import webapp
     index = hamming_index.HammingIndex.open(args.index)
     encoder = encoding.open_encoder(args.workdir, args.encoder, args.step, index.info)
     index.check_encoder(encoder)

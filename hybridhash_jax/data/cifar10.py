@@ -32,7 +32,7 @@ NUM_CLASSES = 10
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 TFDS_BUILD = "tfds build cifar10 --file_format=array_record --data_dir=DIR"
 NUM_TRAIN, NUM_TEST = 50_000, 10_000
-# protocol: (query per class, train per class, which rows form the database); see spec section 7.
+# protocol: (query per class, train per class, which rows form the database), as the deep-hashing protocols define them.
 PROTOCOLS = {
     "cifar10": (100, 500, "rest"),
     "cifar10-1": (100, 500, "train+rest"),
@@ -114,7 +114,11 @@ def load_archive(root: str) -> tuple[np.ndarray, np.ndarray]:
 
 def open_tfds(data_dir: str) -> list:
   """The prepared TFDS train and test splits as random-access sources."""
-  import tensorflow_datasets as tfds  # only this source needs it
+  try:
+    import tensorflow_datasets as tfds  # only this source needs it: the `tfds` extra
+  except ImportError as e:
+    raise errors.ConfigError("config.data.source='tfds' needs tensorflow-datasets: pip install 'hybridhash-jax[tfds]' "
+                             "(or --config.data.source=archive)") from e
   try:
     return [tfds.data_source("cifar10", split=s, data_dir=data_dir or None, download=False) for s in ("train", "test")]
   except Exception as e:  # noqa: BLE001  # TFDS raises several types for "not prepared"
