@@ -1,4 +1,4 @@
-r"""CIFAR-10: the paper's model and optimiser under the deep-hashing protocols (spec sections 6, 7).
+r"""CIFAR-10: the paper's model and optimiser under the deep-hashing protocols.
 
   python -m hybridhash_jax.main --config=configs/cifar10.py --workdir=/tmp/hh_cifar10_64 \
       --config.init_checkpoint=/tmp/nest_b_init
@@ -26,7 +26,7 @@ Paths are flags: --config.data.source=archive --config.data.root=DIR (the offici
 binary archive), or --config.data.tfds_data_dir=DIR (TFDS prepared as ArrayRecord; see
 hybridhash_jax/data/cifar10.py).
 
-Schedule. The spec fixes batch 64, RMSprop 2.5e-5, weight decay 1e-5, no schedule; its only log
+Schedule. The paper fixes batch 64, RMSprop 2.5e-5, weight decay 1e-5, no schedule; its only log
 (ImageNet-100) runs 12 epochs of 13,000 images, about 2,400 updates. CIFAR-10 gets the same budget:
 30 epochs of 5,000 (cifar10, cifar10-1: 78 steps/epoch, 2,340 steps, evaluated every 5 epochs) or
 3 epochs of 50,000 (cifar10-2: 781 steps/epoch, 2,343 steps, evaluated every epoch).

@@ -7,7 +7,7 @@ r"""ImageNet-100 (the DeepHash `imagenet` lists, 100 ImageNet-1k classes): the p
 Arguments (`:k=v,...`): bits=16|32|48|64 (64), runlocal, dtype, and the ablation switches
 token_layout, interaction, hash_global, memory_bank_size, optimizer, as in configs/cifar10.py.
 
-Data (spec section 7): DeepHash-style lists `train.txt`, `test.txt` (the queries), `database.txt`
+Data (the DeepHash protocol): DeepHash-style lists `train.txt`, `test.txt` (the queries), `database.txt`
 in --config.data.list_dir (default data/imagenet), image paths relative to --config.data.root
 (default data/imagenet). 13,000 train, 5,000 queries, 128,503 database; 100 classes; mAP@1000.
 Schedule: batch 64, RMSprop 2.5e-5, weight decay 1e-5, 12 epochs, evaluated every 3 (the reference's

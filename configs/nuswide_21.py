@@ -7,14 +7,14 @@ r"""NUS-WIDE, the 21 most frequent concepts, with the paper's model and optimise
 Arguments (`:k=v,...`): bits=16|32|48|64 (64), runlocal, dtype, and the ablation switches
 token_layout, interaction, hash_global, memory_bank_size, optimizer, as in configs/cifar10.py.
 
-Data (spec section 7): DeepHash-style lists `train.txt`, `test.txt` (the queries), `database.txt`
+Data (the DeepHash protocol): DeepHash-style lists `train.txt`, `test.txt` (the queries), `database.txt`
 in --config.data.list_dir (default data/nuswide_21), image paths relative to --config.data.root
 (default data/nuswide_21). 10,500 train, 2,100 queries, the rest as database; 21 classes; mAP@5000.
 Schedule: batch 64, RMSprop 2.5e-5, weight decay 1e-5, 12 epochs, evaluated every 3 (the reference's
 ImageNet-100 log). NesT-B start: convert as in configs/cifar10.py (with --config configs/nuswide_21.py)
 and pass --config.init_checkpoint=DIR.
 
-What to expect: the spec records no reference log for this dataset, so the reproduction table
+What to expect: no reference log is published for this dataset, so the reproduction table
 shows none.
 """
 

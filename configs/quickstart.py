@@ -6,7 +6,7 @@ Nothing is downloaded: the 1,797 digit images ship with scikit-learn. Per class,
 training images are drawn (seeded); the remaining 597 images are the database, and mAP is over the
 whole database. Random 32-bit codes score about 0.1 (one class in ten is relevant); trained from
 scratch with `config_lib.from_scratch`, this run ends at mAP 0.96-0.99 at step 500 on every seed 0-4
-and 1, 2 and 4 devices (`--config.seed=N`, JAX_NUM_CPU_DEVICES; the README's "Measured" table).
+and 1, 2 and 4 devices (`--config.seed=N`, JAX_NUM_CPU_DEVICES; docs/benchmarks.md).
 """
 
 from hybridhash_jax import config_lib

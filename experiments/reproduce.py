@@ -13,7 +13,7 @@ interrupted (a finished run is only evaluated again).
 
 Then, and alone with --collect_only, every `eval/results.json` is gathered into
 `<workroot>/results.md` and `results.csv`: final and best mAP in their own columns, the reference's
-mAP (the `REFERENCE` of each config file, spec section 11) where one is known, and steps / queries /
+mAP (the `REFERENCE` of each config file) where one is known, and steps / queries /
 database size. A run without results shows as missing (or failed), never as 0. Results are written
 at every evaluation, so with --collect_only the steps column tells unfinished runs apart.
 """

@@ -1,6 +1,6 @@
 """A PyTorch peer of the authors' reference HybridHash, to time its CPU train step beside ours.
 
-Written from the spec (HYBRIDHASH.md; the authors' code is not here). The module tree
+Written from the paper and docs/fidelity.md (the authors' code is not here). The module tree
 reproduces the reference's state-dict names and shapes (`tests/golden/tiny112_state_dict.safetensors`
 loads with strict=True) and its eval outputs (`tiny112_io.npz`), quirks included: NCHW maps as in
 timm's NesT, head-minor head merge, the global attention's channel-first token layout, PyTorch
@@ -24,7 +24,7 @@ GLOBAL_HEADS = 8  # the reference's global attention always has 8 heads
 
 
 def _init_weights(m: nn.Module) -> None:
-  """Spec section 4: N(0, .02) truncated at +-2 absolute for Linear/Conv, zero biases, LN 1/0."""
+  """The reference init: N(0, .02) truncated at +-2 absolute for Linear/Conv, zero biases, LN 1/0."""
   if isinstance(m, (nn.Linear, nn.Conv2d)):
     nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
     if m.bias is not None:
@@ -98,7 +98,7 @@ class TransformerLayer(nn.Module):
 
 
 class GlobalAttention(nn.Module):
-  """Attention among pooled tokens, with the reference's quirk (spec section 3).
+  """Attention among pooled tokens, with the reference's quirk (docs/fidelity.md).
 
   The pooled (B, C, h, w) memory is read as (B, h*w, C) without moving channels last; the output
   token t goes back to spatial position t (row-major) before `proj`.
@@ -216,7 +216,7 @@ class HybridHash(nn.Module):
 
 
 class MemoryBank:
-  """The WMLE bank (spec section 5): the latest detached code and label of every training image."""
+  """The WMLE bank: the latest detached code and label of every training image."""
 
   def __init__(self, rows: int, bits: int, classes: int):
     self.U = torch.zeros(rows, bits)
@@ -245,7 +245,7 @@ def wmle_loss(u, y, U, Y, alpha: float = 0.5) -> torch.Tensor:
 
 
 def make_optimizer(params) -> torch.optim.RMSprop:
-  """Spec section 6: lr 2.5e-5, smoothing 0.99, eps 1e-8 (outside the root), L2 1e-5, no momentum."""
+  """The paper's RMSprop: lr 2.5e-5, smoothing 0.99, eps 1e-8 (outside the root), L2 1e-5, no momentum."""
   return torch.optim.RMSprop(params, lr=2.5e-5, alpha=0.99, eps=1e-8, weight_decay=1e-5, momentum=0.0,
                              centered=False)
 

@@ -64,7 +64,7 @@ def _open(directory: str) -> ocp.CheckpointManager:
     raise FileNotFoundError(
         f"no checkpoint directory {directory}. For NesT-B weights, convert them first: python -m "
         "hybridhash_jax.convert --source nest_base_jx.safetensors --format torch --mode nest --config CONFIG "
-        "--output DIR (see README, 'Bring NesT-B weights').")
+        "--output DIR (see docs/training.md, 'NesT-B weights').")
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
 
 

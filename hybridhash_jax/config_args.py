@@ -5,7 +5,7 @@ keys it accepts (a default, and the allowed values where they are few) and `pars
 text against them, so a typo fails at once with a message naming the key and the value.
 A bare key (`runlocal`) means True. The arguments every dataset shares -- bits, the tiny CPU
 variant and the ablation switches -- are declared and applied here, once, and so is the config
-of the four list-file datasets, which differ only in their spec preset.
+of the four list-file datasets, which differ only in their protocol preset.
 """
 
 import dataclasses
@@ -143,6 +143,6 @@ def listfile_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.data.update(name="listfile", num_classes=preset["num_classes"], top_k=preset["top_k"],
                 list_dir=f"data/{dataset}", root=f"data/{dataset}")
-  c.num_epochs, c.eval_every_epochs = 12, 3  # the reference's ImageNet-100 log (spec section 6)
+  c.num_epochs, c.eval_every_epochs = 12, 3  # the reference's ImageNet-100 log
   apply_common(c, args)
   return c

@@ -100,7 +100,7 @@ def from_scratch(c: ml_collections.ConfigDict) -> None:
   step 1), the hash layer's last conv starts 4x wider than the reference's 0.02 (codes that differ
   from the start), and AdamW takes steps of a steady size (the PyTorch RMSprop's first steps are
   ~10x the learning rate, which from scratch saturates every code), decaying to 0 on a cosine so
-  that the last epochs settle the codes. README "From scratch" gives what was measured.
+  that the last epochs settle the codes. docs/training.md, "From scratch", gives what was measured.
   """
   c.loss.bank_init = "codes"
   c.model.hash_init_std = 0.08

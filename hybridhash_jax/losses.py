@@ -1,4 +1,4 @@
-"""The weighted maximum-likelihood (WMLE) pairwise loss against a memory bank (spec section 5).
+"""The weighted maximum-likelihood (WMLE) pairwise loss against a memory bank.
 
 Each batch code u_i is compared with every row of a bank (U, Y) that holds the latest
 detached code and label of each training image, so one batch sees pairs with the whole

@@ -1,4 +1,4 @@
-"""Hamming-ranking retrieval metrics (spec section 8): exact, tie-stable and sort-free.
+"""Hamming-ranking retrieval metrics (docs/evaluation.md): exact, tie-stable and sort-free.
 
 Ranking. The database is ranked by Hamming distance, ties broken by database index (a stable
 order), so the result does not depend on a sort's tie order. `top_k` None or -1 means the whole

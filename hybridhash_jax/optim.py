@@ -1,4 +1,4 @@
-"""The optimiser from `config.optimizer`: the paper's PyTorch RMSprop, or AdamW (spec section 6).
+"""The optimiser from `config.optimizer`: the paper's PyTorch RMSprop, or AdamW.
 
 PyTorch's RMSprop (no momentum, not centred) is, step by step,
   g <- g + weight_decay * p                 (L2 added to the gradient)

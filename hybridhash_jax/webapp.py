@@ -1,6 +1,6 @@
 """The search web app over a `HammingIndex` and an `Encoder` (`python -m hybridhash_jax.serve` runs it).
 
-Routes (JSON unless noted; the README's "Search in the browser" documents them):
+Routes (JSON unless noted; docs/serving.md documents them):
   GET  /  /app.js  /style.css    the page (hybridhash_jax/web/, read once here: no request path is opened)
   POST /api/search               a multipart `image`, or JSON {"id": N}; plus `k` or `radius`
   GET  /api/items/{id}/image     a JPEG thumbnail, or with ?size=original the indexed file itself

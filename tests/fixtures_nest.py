@@ -1,7 +1,7 @@
 """Tiny NesT-shaped weights in timm naming, and their official-Flax-tree counterpart.
 
 `state_dict_to_nest_flax` inverts `convert.nest_flax_to_state_dict` from first principles
-(the official layouts in spec section 9), so a generated msgpack can be checked end to end.
+(the official layouts, docs/training.md), so a generated msgpack can be checked end to end.
 """
 
 import numpy as np

@@ -1,5 +1,5 @@
 """Every config file and argument: it validates, its model has the parameter count of an independent
-formula (checked against the spec's 55,586,240), its data pipeline builds, bad arguments name
+formula (checked against the paper model's 55,586,240), its data pipeline builds, bad arguments name
 themselves, the ablation switches change the model as documented, and a missing dataset ends
 `main` with one message and no traceback.
 """
@@ -32,7 +32,7 @@ LISTFILE = ("nuswide_21", "nuswide_81_m", "coco", "imagenet")
 CLASSES = {"nuswide_21": 21, "nuswide_81_m": 81, "coco": 80, "imagenet": 100}
 TOP_K = {"nuswide_21": 5000, "nuswide_81_m": 5000, "coco": 5000, "imagenet": 1000}
 PROTOCOL_SIZES = {"cifar10": (1000, 5000, 54000), "cifar10-1": (1000, 5000, 59000),
-                  "cifar10-2": (10000, 50000, 50000)}  # (query, train, database), spec section 7
+                  "cifar10-2": (10000, 50000, 50000)}  # (query, train, database)
 
 
 def load(name: str, arg: str | None = None):
@@ -40,7 +40,7 @@ def load(name: str, arg: str | None = None):
 
 
 def expected_params(img, patch, dims, depths, bits, interaction=True, hash_global=True) -> int:
-  """The parameter count read off spec sections 1-3 (not from the model code)."""
+  """The parameter count read off the architecture's layer shapes (not from the model code)."""
   grid = img // patch
   block = grid // 2 ** (len(dims) - 1)
   n = 3 * patch * patch * dims[0] + dims[0]  # patch embedding
@@ -139,7 +139,7 @@ def test_config_flags_passes_the_argument():
 
 
 def test_reference_numbers_match_spec_and_docstrings():
-  spec = {"cifar10": {16: 0.9487, 32: 0.9530, 48: 0.9516, 64: 0.9528},  # MambaHash, spec section 11
+  spec = {"cifar10": {16: 0.9487, 32: 0.9530, 48: 0.9516, 64: 0.9528},  # MambaHash's released log
           "imagenet": {16: 0.8028, 32: 0.8886, 48: 0.9095, 64: 0.9211}}  # HybridHash reference log
   for name in ("cifar10",) + LISTFILE:
     module = config_args.load_module(str(REPO / "configs" / f"{name}.py"))

@@ -66,7 +66,7 @@ def test_pth_is_refused_with_the_recipe(tmp_path):
 
 
 def _expected_nest_loaded(depths):
-  """Section 9's count: patch embed 2, pos embeds L, 12 per shared layer, pool conv+norm 4 per
+  """The reference's count: patch embed 2, pos embeds L, 12 per shared layer, pool conv+norm 4 per
   interaction, final norm 2."""
   levels = len(depths)
   return 2 + levels + 12 * sum(min(m, n) for m, n in zip(depths, NEST_DEPTHS)) + 4 * (levels - 1) + 2

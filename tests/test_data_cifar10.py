@@ -13,7 +13,7 @@ from hybridhash_jax.data import cifar10
 from hybridhash_jax.data import splits as splits_lib
 from tests import data_fixtures
 
-# protocol: (query, train, database) sizes and per-class counts, from the spec's table.
+# protocol: (query, train, database) sizes and per-class counts, from the deep-hashing protocols' table.
 EXPECTED = {
     "cifar10": ((1000, 5000, 54000), (100, 500, 5400)),
     "cifar10-1": ((1000, 5000, 59000), (100, 500, 5900)),

@@ -9,7 +9,7 @@ from hybridhash_jax import losses
 
 
 def numpy_wmle(u, y, U, Y, alpha):
-  """Float64 loss and d loss / d u, written from spec section 5 with explicit masks."""
+  """Float64 loss and d loss / d u, written from the loss's formula with explicit masks."""
   u, y, U, Y = (np.asarray(a, np.float64) for a in (u, y, U, Y))
   s = (y @ Y.T > 0).astype(np.float64)
   theta = alpha * u @ U.T

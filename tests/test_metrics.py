@@ -1,4 +1,4 @@
-"""The ranking metrics against a straightforward NumPy reading of spec section 8, hand cases, and brute force."""
+"""The ranking metrics against a straightforward NumPy reading of the definitions, hand cases, and brute force."""
 
 import itertools
 
@@ -11,7 +11,7 @@ from hybridhash_jax import metrics
 
 
 def _reference(q_codes, db_codes, q_labels, db_labels, top_k, cutoffs):
-  """Per-query stable argsort, exactly as section 8 reads."""
+  """Per-query stable argsort, exactly as the definition reads."""
   bits = q_codes.shape[1]
   k = len(db_codes) if top_k in (None, -1) else min(top_k, len(db_codes))
   out = dict(ap=[], pn=[], hist=[], rel_hist=[], precision=[], recall=[])

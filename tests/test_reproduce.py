@@ -42,7 +42,7 @@ def test_collects_two_finished_runs(tmp_path):
   assert (r["status"], r["dataset"], float(r["map_final"]), float(r["map_best"]), int(r["best_step"])) == (
       "collected", "cifar10", 0.9012, 0.9123, 2340)
   assert (int(r["step"]), int(r["num_query"]), int(r["num_database"]), int(r["top_k"])) == (2340, 1000, 54000, 54000)
-  assert float(r["map_reference"]) == 0.9487 and "MambaHash" in r["reference"]  # spec section 11
+  assert float(r["map_reference"]) == 0.9487 and "MambaHash" in r["reference"]  # MambaHash's released log
   r = rows[("imagenet", 32)]
   assert (float(r["map_final"]), float(r["map_best"]), int(r["best_step"]), float(r["map_reference"])) == (
       0.8765, 0.8801, 1827, 0.8886)

@@ -13,7 +13,7 @@ import numpy as np
 from hybridhash_jax import errors
 from hybridhash_jax.data import sources
 
-# The spec's table (section 7); `database=None` is "the rest" of each set's official lists.
+# The DeepHash protocols' sizes; `database=None` is "the rest" of each set's official lists.
 PRESETS = {
     "nuswide_21": dict(num_classes=21, top_k=5000, train=10_500, query=2_100, database=None),
     "nuswide_81_m": dict(num_classes=81, top_k=5000, train=10_000, query=5_000, database=None),
