@@ -13,6 +13,7 @@ Prints JSON.
   python experiments/bench_map.py --sizes cifar --kernels host,sort   # both ranking kernels
   python experiments/bench_map.py --sizes custom --queries 5000 --db 1000000 --top_k 1000 \
       --baseline_queries 200   # GPU scale; the baseline runs on the first 200 queries only
+  python experiments/bench_map.py --plot docs/ranking_kernel.png   # time against database size, log-log
 """
 
 import argparse
@@ -154,6 +155,41 @@ def bench(name, spec, args):
       load_average=os.getloadavg())
 
 
+def sweep(args) -> list:
+  """`bench` at each of --plot_db database sizes: --plot_queries queries, 64 bits, 10 classes, K = all."""
+  return [bench(f"db{db}", dict(queries=args.plot_queries, db=db, bits=64, classes=10, top_k=-1), args)
+          for db in map(int, args.plot_db.split(","))]
+
+
+def plot_sweep(results: list, path: str) -> None:
+  """Log-log seconds against database size: the ranking kernel, the NumPy baseline and faiss's top-k search."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  db = [r["db"] for r in results]
+  kernel = results[0]["kernels"][0]["kernel"]
+  lines = [(f"ours: `{kernel}` kernel, whole mAP", [r["kernels"][0]["steady_s"] for r in results], "o-"),
+           ("NumPy per-query stable argsort, whole mAP", [r["baseline"]["time_s_scaled_to_all_queries"]
+                                                          for r in results], "s--")]
+  if results[0]["faiss_search"]:
+    lines.append((f"faiss IndexBinaryFlat top-{results[0]['faiss_search']['k']} search alone "
+                  f"({results[0]['faiss_search']['threads']} threads)",
+                  [r["faiss_search"]["time_s"] for r in results], "^:"))
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  for label, seconds, style in lines:
+    ax.loglog(db, seconds, style, label=label)
+  ax.set(xlabel="database size (64-bit codes)", ylabel="seconds",
+         title=f"Hamming ranking of {results[0]['queries']:,} queries, K = all")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  load = max(max(r["load_average"][:2]) for r in results)
+  fig.text(0.99, 0.01, f"{os.cpu_count()} CPU cores, load average up to {load:.1f}", ha="right", fontsize=7,
+           color="grey")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", default="cifar,imagenet", help="comma list of cifar, imagenet, custom")
@@ -173,7 +209,16 @@ def main(argv):
                       "empty: the backend's default); the first is the one compared with the baseline")
   parser.add_argument("--faiss_k", type=int, default=1000, help="faiss IndexBinaryFlat top-k search (0: skip)")
   parser.add_argument("--faiss_threads", type=int, default=2, help="faiss OpenMP threads")
+  parser.add_argument("--plot", default=None, help="instead of --sizes, time each --plot_db database size and "
+                      "draw the times against it to this PNG")
+  parser.add_argument("--plot_db", default="1000,3000,10000,30000,100000,300000", help="database sizes of --plot")
+  parser.add_argument("--plot_queries", type=int, default=1000, help="queries of --plot")
   args = parser.parse_args(argv)
+  if args.plot:
+    results = sweep(args)
+    print(json.dumps(results, indent=2))
+    plot_sweep(results, args.plot)
+    return
   sizes = dict(SIZES, custom=dict(queries=args.queries, db=args.db, bits=args.bits, classes=args.classes,
                                   top_k=args.top_k))
   results = [bench(name, sizes[name], args) for name in args.sizes.split(",")]
