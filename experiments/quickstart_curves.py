@@ -12,21 +12,15 @@ step, eval_map at every evaluation) and prints JSON; --plot draws the two curves
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values, one run each.")
-_DEVICES = flags.DEFINE_integer("devices", 1, "JAX_NUM_CPU_DEVICES of every run.")
-_OUT = flags.DEFINE_string("out", "/tmp/quickstart_curves", "Folder for the runs' workdirs.")
+from experiments import seed_runs
+
 _EVAL_EVERY = flags.DEFINE_integer("eval_every_epochs", 5, "config.eval_every_epochs of every run (20 steps each).")
 _PLOT = flags.DEFINE_string("plot", None, "Write the loss and mAP curves to this PNG.")
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where configs/quickstart.py is
 
 
 def read_curves(workdir: str) -> dict:
@@ -43,15 +37,8 @@ def read_curves(workdir: str) -> dict:
 
 
 def _run(seed: str, workdir: str) -> dict:
-  shutil.rmtree(workdir, ignore_errors=True)  # this script's own folder: a fresh run, never a resumed one
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(_DEVICES.value))
-  cmd = [sys.executable, "-m", "hybridhash_jax.main", "--config=configs/quickstart.py", f"--config.seed={seed}",
-         f"--config.eval_every_epochs={_EVAL_EVERY.value}", f"--workdir={workdir}"]
-  start = time.perf_counter()
-  proc = subprocess.run(cmd, env=env, cwd=_REPO, capture_output=True, text=True, check=False)
-  wall = time.perf_counter() - start
-  if proc.returncode or not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    sys.exit(f"seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+  args = ["--config=configs/quickstart.py", f"--config.eval_every_epochs={_EVAL_EVERY.value}"]
+  wall = seed_runs.run_main(args, seed, workdir, expect="metrics.jsonl")
   curves = read_curves(workdir)
   if not curves["map"]:
     sys.exit(f"seed {seed}: no eval_map in {workdir}/metrics.jsonl")
@@ -84,14 +71,15 @@ def plot(runs: list, path: str, devices: int) -> None:
 
 def main(argv):
   del argv
-  out = os.path.abspath(_OUT.value)  # the runs start in the repository, wherever this one did
-  runs = [_run(s, os.path.join(out, f"seed{s}_dev{_DEVICES.value}")) for s in _SEEDS.value]
+  out = seed_runs.out_dir("/tmp/quickstart_curves")
+  devices = seed_runs.DEVICES.value
+  runs = [_run(s, os.path.join(out, f"seed{s}_dev{devices}")) for s in seed_runs.SEEDS.value]
   finals = [r["final_map"] for r in runs]
-  print(json.dumps({"config": "configs/quickstart.py", "devices": _DEVICES.value,
+  print(json.dumps({"config": "configs/quickstart.py", "devices": devices,
                     "eval_every_epochs": _EVAL_EVERY.value, "final_map_range": [min(finals), max(finals)],
                     "runs": runs}))
   if _PLOT.value:
-    plot(runs, _PLOT.value, _DEVICES.value)
+    plot(runs, _PLOT.value, devices)
     print(f"wrote {_PLOT.value}", file=sys.stderr)
 
 
