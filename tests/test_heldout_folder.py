@@ -42,7 +42,7 @@ def _fake_main_run(runs, maps):
 def test_writes_the_tree_and_tabulates_each_seed(fake_mnist, monkeypatch, tmp_path, capsys):
   x, y = fake_mnist
   runs = []
-  monkeypatch.setattr(seed_runs.subprocess, "run", _fake_main_run(runs, {3: 0.91, 5: 0.95}))
+  monkeypatch.setattr(seed_runs, "subprocess", types.SimpleNamespace(run=_fake_main_run(runs, {3: 0.91, 5: 0.95})))
   with flagsaver.flagsaver(out=str(tmp_path), seeds=["3", "5"], devices=2):
     heldout_folder.main([])
   for i, (pixels, label) in enumerate(zip(x, y)):  # one PNG per row, in its class's folder, pixels kept
@@ -60,6 +60,6 @@ def test_writes_the_tree_and_tabulates_each_seed(fake_mnist, monkeypatch, tmp_pa
 def test_a_failed_run_stops_with_its_log(fake_mnist, monkeypatch, tmp_path):
   del fake_mnist
   failed = lambda cmd, env, **_: types.SimpleNamespace(returncode=1, stderr="error: config.data.root='x': boom")
-  monkeypatch.setattr(seed_runs.subprocess, "run", failed)
+  monkeypatch.setattr(seed_runs, "subprocess", types.SimpleNamespace(run=failed))
   with flagsaver.flagsaver(out=str(tmp_path), seeds=["0"]), pytest.raises(SystemExit, match=r"(?s)seed 0 failed.*boom"):
     heldout_folder.main([])

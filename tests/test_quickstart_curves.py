@@ -40,7 +40,7 @@ _CURVES = {
 
 def test_runs_each_seed_and_reads_its_curves(monkeypatch, tmp_path, capsys):
   runs = []
-  monkeypatch.setattr(seed_runs.subprocess, "run", _fake_main_run(runs, _CURVES))
+  monkeypatch.setattr(seed_runs, "subprocess", types.SimpleNamespace(run=_fake_main_run(runs, _CURVES)))
   (tmp_path / "seed4_dev2").mkdir()
   (tmp_path / "seed4_dev2" / "metrics.jsonl").write_text('{"step": 999, "loss": 9.0}\n')  # a stale run: replaced
   png = tmp_path / "curves.png"
@@ -60,13 +60,13 @@ def test_runs_each_seed_and_reads_its_curves(monkeypatch, tmp_path, capsys):
 
 def test_a_failed_run_stops_with_its_log(monkeypatch, tmp_path):
   failed = lambda cmd, env, **_: types.SimpleNamespace(returncode=1, stderr="error: config.seed: boom")
-  monkeypatch.setattr(seed_runs.subprocess, "run", failed)
+  monkeypatch.setattr(seed_runs, "subprocess", types.SimpleNamespace(run=failed))
   with flagsaver.flagsaver(out=str(tmp_path), seeds=["0"]), pytest.raises(SystemExit, match=r"(?s)seed 0 failed.*boom"):
     quickstart_curves.main([])
 
 
 def test_a_run_without_an_evaluation_is_an_error(monkeypatch, tmp_path):
-  monkeypatch.setattr(seed_runs.subprocess, "run",
-                      _fake_main_run([], {0: {"loss": [[20, 1.0]], "map": []}}))
+  no_eval = _fake_main_run([], {0: {"loss": [[20, 1.0]], "map": []}})
+  monkeypatch.setattr(seed_runs, "subprocess", types.SimpleNamespace(run=no_eval))
   with flagsaver.flagsaver(out=str(tmp_path), seeds=["0"]), pytest.raises(SystemExit, match="no eval_map"):
     quickstart_curves.main([])
