@@ -2,11 +2,13 @@
 
 Opens the index, restores its encoder (by default the checkpoint or exported encoder the index was
 built with), checks the two belong together, prints the URL to open and serves `webapp.create_app`
-on uvicorn, on loopback unless --host says otherwise. A user error (a missing or corrupt index, an
+on uvicorn, on loopback unless --host says otherwise. A newly committed index is served once the
+poll (--reload_s) or a SIGHUP finds it. A user error (a missing or corrupt index, an
 encoder of another model) ends with one `error: ...` line and exit status 1.
 """
 
 import argparse
+import signal
 import sys
 
 from hybridhash_jax import encoding
@@ -27,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="how long the batcher waits for more uploads to encode together")
   p.add_argument("--max_batch", type=int, default=32, help="most uploads encoded in one batch")
   p.add_argument("--no_batching", action="store_true", help="encode each upload alone (for benchmarks)")
+  p.add_argument("--max_inflight", type=int, default=32,
+                 help="most uploads read, decoded and encoded at once; more get 503 with Retry-After")
+  p.add_argument("--reload_s", type=float, default=5.0,
+                 help="seconds between checks for a newly committed index (0: on SIGHUP only)")
   return p
 
 
@@ -44,7 +50,9 @@ def main(argv=None) -> None:
     sys.exit(f"error: {e}")
   app = webapp.create_app(index, encoder, max_upload_bytes=int(args.max_upload_mb * 2**20),
                           batch_window_s=args.batch_window_ms / 1e3, max_batch=args.max_batch,
-                          batching=not args.no_batching)
+                          batching=not args.no_batching, max_inflight=args.max_inflight,
+                          reload_s=args.reload_s or None)
+  signal.signal(signal.SIGHUP, lambda *_: app.state.live.wake())
   host = f"[{args.host}]" if ":" in args.host else args.host
   print(f"Searching {len(index)} items ({index.bits} bits): open http://{host}:{args.port}/", flush=True)
   uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

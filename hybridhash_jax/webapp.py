@@ -4,16 +4,19 @@ Routes (JSON unless noted; docs/serving.md documents them):
   GET  /  /app.js  /style.css    the page (hybridhash_jax/web/, read once here: no request path is opened)
   POST /api/search               a multipart `image`, or JSON {"id": N}; plus `k` or `radius`
   GET  /api/items/{id}/image     a JPEG thumbnail, or with ?size=original the indexed file itself
-  GET  /api/info                 index size, bits, model, checkpoint and step, the batcher's settings
+  GET  /api/info                 index size, bits, model, checkpoint and step, the index version, the batcher's settings
   GET  /healthz
 Only indexed files are served, by id. Errors are {"detail": message}: 400 (not an image, a decompression
-bomb), 404 (unknown id or path), 413 (body over the limit), 415, 422 (bad id, k or radius), and a 500
-that names no internals. Uploads are decoded in a thread and encoded through the `Batcher`.
+bomb), 404 (unknown id or path), 413 (body over the limit), 415, 422 (bad id, k or radius), 503 with
+Retry-After (`max_inflight` uploads already in work), and a 500 that names no internals. Uploads are
+decoded in a thread and encoded through the `Batcher`. The index is a `LiveIndex`: each request
+searches the one current when it started, and a newly committed index replaces it for later requests.
 """
 
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.resources
 import io
 import os
@@ -26,13 +29,16 @@ import numpy as np
 from PIL import Image
 import pydantic
 import starlette.datastructures
+from starlette.requests import ClientDisconnect
 
 from hybridhash_jax.batcher import Batcher
 from hybridhash_jax.data import images
+from hybridhash_jax.live_index import LiveIndex
 
 DEFAULT_K = 20
 MAX_K = 1000  # also the most hits a radius search returns (its `total` counts them all)
 THUMB_SIZE = 256
+RETRY_AFTER_S = 1  # what a 503 asks the client to wait
 PAGE_FILES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript"),
               "/style.css": ("style.css", "text/css")}
 
@@ -76,6 +82,27 @@ class _BodyLimit:
 
   def _detail(self) -> str:
     return f"request body over the upload limit of {self.limit / 2**20:g} MB"
+
+
+class _Inflight:
+  """At most `limit` uploads in work at once; one more is refused at once (503), not queued, so that
+  neither memory nor latency grows without bound under load. Used on the event loop only."""
+
+  def __init__(self, limit: int):
+    if limit < 1:
+      raise ValueError(f"max_inflight must be >= 1, got {limit}")
+    self.limit, self.busy = limit, 0
+
+  @contextlib.contextmanager
+  def slot(self):
+    if self.busy >= self.limit:
+      raise fastapi.HTTPException(503, f"busy: {self.limit} uploads are in work, retry in {RETRY_AFTER_S} s",
+                                  headers={"Retry-After": str(RETRY_AFTER_S)})
+    self.busy += 1
+    try:
+      yield
+    finally:
+      self.busy -= 1
 
 
 def _parse_params(fields: dict) -> SearchParams:
@@ -126,27 +153,39 @@ def _thumbnail(path: str) -> bytes:
 
 
 def create_app(index, encoder, *, max_upload_bytes: int = 10 * 2**20, batch_window_s: float = 0.003,
-               max_batch: int = 32, batching: bool = True, thumbnail_cache: int = 1024) -> fastapi.FastAPI:
+               max_batch: int = 32, batching: bool = True, max_inflight: int = 32, reload_s: float | None = None,
+               thumbnail_cache: int = 1024) -> fastapi.FastAPI:
   """The app for `index` (a `HammingIndex`) searched with `encoder` (an `Encoder` the index was built with).
 
-  `batch_window_s` and `max_batch` set the batcher (`batching=False`: each upload encoded alone).
+  `batch_window_s` and `max_batch` set the batcher (`batching=False`: each upload encoded alone);
+  `max_inflight` bounds the uploads read, decoded and encoded at once. The index's directory is
+  checked for a new commit every `reload_s` seconds (None: only on `app.state.live.wake()`).
   """
   web = importlib.resources.files("hybridhash_jax") / "web"
   pages = {route: (web.joinpath(name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
   batcher = Batcher(encoder.encode, window_s=batch_window_s, max_batch=max_batch, enabled=batching)
-  thumbnail = functools.lru_cache(maxsize=thumbnail_cache)(_thumbnail)
+  inflight = _Inflight(max_inflight)
+  live = LiveIndex(index, encoder, reload_s)
+  # Keyed by the file's mtime too: a rebuilt index may list a changed file under its old path.
+  thumbnail = functools.lru_cache(maxsize=thumbnail_cache)(lambda path, mtime: _thumbnail(path))
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
     # Compile the batch shapes before the first request (and fail at start if the encoder cannot run).
     for n in [2**i for i in range((max_batch - 1).bit_length() + 1)] if batching else [1]:
       await run_in_threadpool(encoder.encode, np.zeros((n, encoder.img_size, encoder.img_size, 3), np.uint8))
-    async with batcher.running():
-      yield
+    with live.watching():
+      async with batcher.running():
+        yield
 
   app = fastapi.FastAPI(title="hybridhash-jax search", lifespan=lifespan, docs_url=None, redoc_url=None,
                         openapi_url=None)
+  app.state.live = live
   app.add_middleware(_BodyLimit, limit=max_upload_bytes)
+
+  @app.exception_handler(ClientDisconnect)
+  async def client_gone(request, exc):  # mid-upload: the form parser has closed its files; no one reads this
+    return responses.Response(status_code=400)
 
   @app.exception_handler(Exception)
   async def internal_error(request, exc):  # the traceback goes to the log only
@@ -165,14 +204,19 @@ def create_app(index, encoder, *, max_upload_bytes: int = 10 * 2**20, batch_wind
 
   @app.get("/api/info")
   def info():
+    loaded = live.current
+    index = loaded.index
     return {"size": len(index), "bits": index.bits, "model": encoder.info.get("model"),
             "checkpoint": encoder.info.get("checkpoint"), "step": encoder.info.get("step"),
             "max_upload_mb": max_upload_bytes / 2**20, "max_k": MAX_K, "default_k": DEFAULT_K,
             "batcher": {"enabled": batching, "window_ms": batch_window_s * 1e3, "max_batch": max_batch,
                         "batches": {str(n): c for n, c in sorted(batcher.batch_counts.items())}},
+            "uploads": {"max_inflight": inflight.limit, "inflight": inflight.busy},
+            "version": loaded.describe(),
+            "reload": {"every_s": live.reload_s, "reloads": live.reloads, "refused": live.refused},
             "index": index.info}
 
-  def item(item_id: int | str) -> dict:
+  def item(index, item_id: int | str) -> dict:
     try:
       return index.item(int(item_id))
     except (KeyError, ValueError):
@@ -180,20 +224,24 @@ def create_app(index, encoder, *, max_upload_bytes: int = 10 * 2**20, batch_wind
 
   @app.post("/api/search")
   async def search(request: fastapi.Request):
+    loaded = live.current
+    index = loaded.index
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-      async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload at the end
-        upload = form.get("image")
-        if not isinstance(upload, starlette.datastructures.UploadFile):
-          raise fastapi.HTTPException(422, "image: a multipart search needs a file field `image`")
-        params = _parse_params({key: value for key, value in form.items() if key != "image"})
-        if params.id is not None:
-          raise fastapi.HTTPException(422, "give an image or an id, not both")
-        args = _search_args(params, index.bits)
-        name = os.path.basename(upload.filename or "upload")
-        data = await upload.read()
-      pixels = await run_in_threadpool(_decode_upload, data, name)
-      code = await batcher(await run_in_threadpool(encoder.preprocess, pixels))
+      with inflight.slot():
+        async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload at the end
+          upload = form.get("image")
+          if not isinstance(upload, starlette.datastructures.UploadFile):
+            raise fastapi.HTTPException(422, "image: a multipart search needs a file field `image`")
+          params = _parse_params({key: value for key, value in form.items() if key != "image"})
+          if params.id is not None:
+            raise fastapi.HTTPException(422, "give an image or an id, not both")
+          args = _search_args(params, index.bits)
+          name = os.path.basename(upload.filename or "upload")
+          data = await upload.read()
+        image = await run_in_threadpool(lambda: encoder.preprocess(_decode_upload(data, name)))
+        del data  # only the small preprocessed image waits for its batch
+        code = await batcher(image)
       query, codes, bits = {"id": None, "name": name}, code[None], code >= 0
     elif kind == "application/json":
       try:
@@ -204,28 +252,34 @@ def create_app(index, encoder, *, max_upload_bytes: int = 10 * 2**20, batch_wind
       if params.id is None:
         raise fastapi.HTTPException(422, "id: a JSON search needs the id of an indexed item")
       args = _search_args(params, index.bits)
-      query = {"id": params.id, "name": item(params.id)["path"]}
+      query = {"id": params.id, "name": item(index, params.id)["path"]}
       codes = index.codes_of([params.id])
       bits = np.unpackbits(codes[0], bitorder="little")[:index.bits]
     else:
       raise fastapi.HTTPException(415, "send a multipart form with an `image` file, or JSON {\"id\": N}")
     hits = (await run_in_threadpool(index.search, codes, **args))[0]
     return {"query": {**query, "code": _bit_string(bits)}, **args, "total": len(hits),
-            "hits": [dataclasses.asdict(hit) for hit in hits[:MAX_K]]}
+            "hits": [dataclasses.asdict(hit) for hit in hits[:MAX_K]], "version": loaded.version}
 
   @app.get("/api/items/{item_id}/image")
-  async def item_image(item_id: str, size: Literal["thumb", "original"] = "thumb"):
+  async def item_image(request: fastapi.Request, item_id: str, size: Literal["thumb", "original"] = "thumb"):
+    index = live.current.index
     if not item_id.isascii() or not item_id.isdigit():  # ids only: nothing else in a request names a file
       raise fastapi.HTTPException(404, f"no item {item_id!r}: items are named by their id")
-    rel, path = item(item_id)["path"], index.item_path(int(item_id))
+    entry, path = item(index, item_id), index.item_path(int(item_id))
     if not os.path.isfile(path):
-      raise fastapi.HTTPException(404, f"item {item_id}: its file {rel} is missing")
+      raise fastapi.HTTPException(404, f"item {item_id}: its file {entry['path']} is missing")
     if size == "original":
-      return responses.FileResponse(path)
+      return responses.FileResponse(path, headers={"Cache-Control": "no-cache"})
+    # A rebuilt index renumbers its items: a browser revalidates an id's thumbnail against its file each time.
+    headers = {"Cache-Control": "no-cache", "ETag": '"' + hashlib.sha1(
+        f"{entry['path']}\0{entry['size']}\0{entry['mtime']}".encode("utf-8")).hexdigest()[:20] + '"'}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+      return responses.Response(status_code=304, headers=headers)
     try:
-      data = await run_in_threadpool(thumbnail, path)
+      data = await run_in_threadpool(thumbnail, path, entry["mtime"])
     except images.BadImageError:
-      raise fastapi.HTTPException(404, f"item {item_id}: its file {rel} cannot be read") from None
-    return responses.Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+      raise fastapi.HTTPException(404, f"item {item_id}: its file {entry['path']} cannot be read") from None
+    return responses.Response(data, media_type="image/jpeg", headers=headers)
 
   return app
