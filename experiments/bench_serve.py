@@ -67,10 +67,11 @@ def _summary(latencies: list[float], errors: list[str], seconds: float) -> dict:
           "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2)}
 
 
-def _serve(args, batching: bool, log):
+def _serve(args, batching: bool, log, extra=()):
+  """A server (`extra`: more flags) started on a free port: (process, URL) once it answers."""
   port = _free_port()
   cmd = [sys.executable, "-m", "hybridhash_jax.serve", f"--index={args.index}", f"--port={port}",
-         f"--max_batch={args.max_batch}", f"--batch_window_ms={args.window_ms}"]
+         f"--max_batch={args.max_batch}", f"--batch_window_ms={args.window_ms}", *extra]
   cmd += [f"--workdir={args.workdir}"] if args.workdir else [f"--encoder={args.encoder}"] if args.encoder else []
   cmd += [] if batching else ["--no_batching"]
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(REPO),
