@@ -133,6 +133,3 @@ class LiveIndex:
       self._stop = True
       self._wake.set()
       thread.join()
-
-  def describe(self) -> dict:
-    return {**self.current.describe(), "reload_s": self.reload_s, "reloads": self.reloads, "refused": self.refused}
