@@ -47,11 +47,15 @@ def restore(directory: str, mesh, config: dict | None = None, step: int | None =
   """The params of the checkpoint in `directory` (latest step, or `step`), placed on `mesh`.
 
   The model is built from `config`, which must agree with the saved config in the model fields, or,
-  when `config` is None, from the saved config itself.
+  when `config` is None, from the saved config itself with its runtime fields set for the mesh's
+  platform (`models.for_host`: a checkpoint trained with cuDNN attention encodes on a CPU).
   """
   if config is None:
     config, step = checkpoints.read_config(directory, step)
-  model = models.from_config(config["model"])
+    model_cfg = models.for_host(config["model"], sharding.platform(mesh))
+  else:
+    model_cfg = config["model"]
+  model = models.from_config(model_cfg)
   abstract = models.abstract_params(model)
   min_size = config.get("mesh", {}).get("fsdp_min_size", config_lib.base_config().mesh.fsdp_min_size)
   params_sh = sharding.tree_shardings(mesh, abstract, min_size)
@@ -103,7 +107,7 @@ class Encoder:
     mesh = local_mesh()
     r = restore(directory, mesh, step=step)
     fn = encode_fn(r.model, mesh, r.params_shardings)
-    info = {"model": r.config["model"], "bits": int(r.config["model"]["bits"]), "checkpoint": directory,
+    info = {"model": models.model_config(r.model), "bits": int(r.config["model"]["bits"]), "checkpoint": directory,
             "step": r.step, "encoder": None, "transform": transform_info(r.config)}
     return cls(lambda x: np.asarray(fn(r.params, x)), info, r.config.get("eval_batch_size", DEFAULT_BATCH),
                multiple=mesh.size, restored=r)

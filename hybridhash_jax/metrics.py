@@ -168,9 +168,10 @@ def _sorted_counts(q_words, q_labels, db_words, db_labels, valid, *, num_buckets
   return tuple(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:nq] for x in out)
 
 
-def _sort_kernel_counts(q_words, q_labels, db_words, db_labels, *, num_buckets, top_k, cutoffs, chunk_size, mesh,
-                        axis_name):
-  """Packed words -> `_sorted_counts` over a database padded to whole blocks per shard (sharded with a mesh)."""
+def _sort_kernel_program(q_words, q_labels, db_words, db_labels, *, num_buckets, top_k, cutoffs, chunk_size, mesh,
+                         axis_name):
+  """Packed words -> (`_sorted_counts`, its arguments over a database padded to whole blocks per shard and placed
+  on the mesh, its static keywords)."""
   n = len(db_words)
   shards = 1 if mesh is None else mesh.shape[axis_name]
   num_blocks = -(-max(n, 1) // (_BLOCK * shards)) * shards
@@ -183,8 +184,8 @@ def _sort_kernel_counts(q_words, q_labels, db_words, db_labels, *, num_buckets, 
   if mesh is not None:
     spec = [P(), P(), P(axis_name), P(axis_name), P(axis_name)]
     args = tuple(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, spec))
-  return _sorted_counts(*args, num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs, chunk_size=int(chunk_size),
-                        mesh=mesh, axis_name=axis_name if mesh is not None else None)
+  return _sorted_counts, args, dict(num_buckets=num_buckets, top_k=top_k, cutoffs=cutoffs, chunk_size=int(chunk_size),
+                                    mesh=mesh, axis_name=axis_name if mesh is not None else None)
 
 
 def default_kernel(mesh: Mesh | None = None) -> str:
@@ -192,21 +193,9 @@ def default_kernel(mesh: Mesh | None = None) -> str:
   return "host" if sharding.platform(mesh) == "cpu" else "sort"
 
 
-def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,
-                   chunk_size=None, mesh: Mesh | None = None, axis_name: str = "data", num_bits=None,
-                   kernel: str | None = None) -> dict:
-  """Per-query exact counts under the stable Hamming ranking, as device arrays.
-
-  Returns ap (Q,), hits_in_top_k (Q,) (relevant items within the top K), hits_at_cutoffs (Q, len(cutoffs))
-  (relevant items within the top N for each cutoff N), hist and rel_hist (Q, bits + 1) (database and
-  relevant items at each distance), and the resolved top_k.
-  `kernel` is one of KERNELS (default: `default_kernel(mesh)`); both give the same counts. The sort kernel
-  takes `chunk_size` queries at a time (any size; default: as many as keep a chunk's pairs within
-  _SORT_PAIRS) and, with `mesh`, shards the database over `axis_name`; the host kernel uses neither.
-  """
-  kernel = default_kernel(mesh) if kernel is None else kernel
-  if kernel not in KERNELS:
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+def _packed_inputs(query_codes, db_codes, query_labels, db_labels, top_k, cutoffs, mesh, axis_name, num_bits):
+  """Checked, packed inputs: (query words, query label words, database words, database label words) and the
+  kernels' keywords (num_buckets, the resolved top_k, cutoffs)."""
   q_words, bits = _codes_and_bits(query_codes, num_bits, "query_codes")
   db_words, db_bits = _codes_and_bits(db_codes, num_bits, "db_codes")
   if bits != db_bits or q_words.shape[1] != db_words.shape[1]:
@@ -229,16 +218,46 @@ def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *
   cutoffs = tuple(int(c) for c in cutoffs)
   if any(c <= 0 for c in cutoffs):
     raise ValueError(f"cutoffs must be positive, got {cutoffs}")
+  return (q_words, q_lab, db_words, db_lab), dict(num_buckets=bits + 1, top_k=top_k, cutoffs=cutoffs)
+
+
+def sort_kernel_program(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,
+                        chunk_size=None, mesh: Mesh | None = None, axis_name: str = "data", num_bits=None):
+  """The sort kernel of `ranking_counts` as (jitted function, arguments, static keywords), uncalled.
+
+  `fn(*args, **kwargs)` gives its counts; `fn.trace(*args, **kwargs)` lowers it (experiments/lower_check.py).
+  """
+  packed, kw = _packed_inputs(query_codes, db_codes, query_labels, db_labels, top_k, cutoffs, mesh, axis_name,
+                              num_bits)
+  return _sort_kernel_program(*packed, **kw, chunk_size=chunk_size, mesh=mesh, axis_name=axis_name)
+
+
+def ranking_counts(query_codes, db_codes, query_labels, db_labels, top_k=None, *, cutoffs=DEFAULT_CUTOFFS,
+                   chunk_size=None, mesh: Mesh | None = None, axis_name: str = "data", num_bits=None,
+                   kernel: str | None = None) -> dict:
+  """Per-query exact counts under the stable Hamming ranking, as device arrays.
+
+  Returns ap (Q,), hits_in_top_k (Q,) (relevant items within the top K), hits_at_cutoffs (Q, len(cutoffs))
+  (relevant items within the top N for each cutoff N), hist and rel_hist (Q, bits + 1) (database and
+  relevant items at each distance), and the resolved top_k.
+  `kernel` is one of KERNELS (default: `default_kernel(mesh)`); both give the same counts. The sort kernel
+  takes `chunk_size` queries at a time (any size; default: as many as keep a chunk's pairs within
+  _SORT_PAIRS) and, with `mesh`, shards the database over `axis_name`; the host kernel uses neither.
+  """
+  kernel = default_kernel(mesh) if kernel is None else kernel
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+  packed, kw = _packed_inputs(query_codes, db_codes, query_labels, db_labels, top_k, cutoffs, mesh, axis_name,
+                              num_bits)
   if kernel == "host":
     from hybridhash_jax import host_ranking  # (numba: CPU only)
-    counts = map(jnp.asarray, host_ranking.ranking_counts(q_words, q_lab, db_words, db_lab, num_buckets=bits + 1,
-                                                          top_k=top_k, cutoffs=cutoffs))
+    counts = map(jnp.asarray, host_ranking.ranking_counts(*packed, **kw))
   else:
-    counts = _sort_kernel_counts(q_words, q_lab, db_words, db_lab, num_buckets=bits + 1, top_k=top_k,
-                                 cutoffs=cutoffs, chunk_size=chunk_size, mesh=mesh, axis_name=axis_name)
+    fn, args, static = _sort_kernel_program(*packed, **kw, chunk_size=chunk_size, mesh=mesh, axis_name=axis_name)
+    counts = fn(*args, **static)
   ap_sum, n_rel, pn, hist, rhist = counts
   ap = jnp.where(n_rel > 0, ap_sum / jnp.maximum(n_rel, 1), 0.0)
-  return dict(ap=ap, hits_in_top_k=n_rel, hits_at_cutoffs=pn, hist=hist, rel_hist=rhist, top_k=top_k)
+  return dict(ap=ap, hits_in_top_k=n_rel, hits_at_cutoffs=pn, hist=hist, rel_hist=rhist, top_k=kw["top_k"])
 
 
 def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_k=None, *, chunk_size=None,

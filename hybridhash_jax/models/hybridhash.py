@@ -346,6 +346,22 @@ def from_config(model_cfg: Mapping[str, Any]) -> HybridHash:
   return HybridHash(**cfg)
 
 
+def for_host(model_cfg: Mapping[str, Any], platform: str) -> dict[str, Any]:
+  """A saved model config with its runtime fields set for a reader (evaluation only) on `platform`.
+
+  Runtime fields are not bound to a checkpoint, so a model trained with `attention="cudnn"` on a GPU
+  must still encode on a CPU. A reader never takes a gradient (remat "none"); on a CPU it computes in
+  float32, which XLA:CPU runs faster than bfloat16; cuDNN attention becomes "xla" (the same attention)
+  wherever it cannot run. `platform` is "cpu", "gpu" or "tpu" (`sharding.platform`).
+  """
+  cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg, remat="none")
+  if platform == "cpu":
+    cfg["dtype"] = "float32"
+  if cfg.get("attention") == "cudnn" and (platform != "gpu" or jnp.dtype(cfg.get("dtype", "float32")) == jnp.float32):
+    cfg["attention"] = "xla"
+  return cfg
+
+
 def abstract_params(model: HybridHash) -> Any:
   """The param tree's shapes and dtypes, without allocating."""
   images = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
