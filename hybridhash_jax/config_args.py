@@ -36,7 +36,7 @@ class Arg:
 def load_module(path: str) -> types.ModuleType:
   """Imports a config file by path, as `config_flags` does (so scripts and notebooks need no flags)."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found")
+    raise errors.NotFoundError(f"config file {path!r} not found")
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"{name}_config", path)
   module = importlib.util.module_from_spec(spec)
