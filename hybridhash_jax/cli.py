@@ -114,7 +114,8 @@ def compilation_cache() -> str | None:
   """
   import jax  # here, not at the top: a tool reports its flag and config errors before this import
   path = cache_dir(jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
-  if path is None:
+  if path is None:  # off even where JAX_COMPILATION_CACHE_DIR names a directory
+    jax.config.update("jax_enable_compilation_cache", False)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:

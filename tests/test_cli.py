@@ -93,7 +93,7 @@ def test_an_unwritable_cache_dir_only_warns(tmp_path, caplog):
 
 def test_compilation_cache_caches_every_program(tmp_path, monkeypatch):
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+           "jax_persistent_cache_min_entry_size_bytes", "jax_enable_compilation_cache")
   saved = {n: getattr(jax.config, n) for n in names}
   for env in ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", cli.CACHE_ENV):
     monkeypatch.delenv(env, raising=False)
@@ -104,6 +104,8 @@ def test_compilation_cache_caches_every_program(tmp_path, monkeypatch):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "hybridhash-jax" / "jax")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
     assert jax.config.jax_persistent_cache_min_entry_size_bytes == -1
+    monkeypatch.setenv(cli.CACHE_ENV, "0")
+    assert cli.compilation_cache() is None and not jax.config.jax_enable_compilation_cache
   finally:
     for n, v in saved.items():
       jax.config.update(n, v)
