@@ -86,11 +86,15 @@ def _build(args) -> None:
                                process_count=jax.process_count(),
                                barrier=multihost_utils.sync_global_devices if multi else None)
   except interrupts.Interrupted as e:
+    signum = e.signum  # raised again below, once the build's frames (and its progress bar) are gone
+  else:
+    signum = None
+  if signum is not None:
     # Every staged chunk was written whole (to a temporary name, then renamed): a rerun reuses them.
     staging = os.path.join(args.index, hamming_index.STAGING)
     staged = len(glob.glob(os.path.join(staging, "*.npz")))
-    raise interrupts.Interrupted(e.signum, f"stopped by {signal.Signals(e.signum).name}: {staged} chunks of up to "
-                                 f"{args.chunk} images staged in {staging}; rerun the same command to resume") from None
+    raise interrupts.Interrupted(signum, f"stopped by {signal.Signals(signum).name}: {staged} chunks of up to "
+                                 f"{args.chunk} images staged in {staging}; rerun the same command to resume")
   if jax.process_index() == 0:
     for path, reason in info["skipped"]:
       print(f"skipped {path}: {reason}", file=sys.stderr)
