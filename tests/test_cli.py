@@ -26,6 +26,10 @@ def test_user_error_is_one_line_and_status_1():
   with pytest.raises(SystemExit) as e, cli.console():
     raise errors.NoSuchItemError("no item 7 in the index")
   assert e.value.code == "error: no item 7 in the index"  # not KeyError's quoted repr
+  from hybridhash_jax import train
+  with pytest.raises(SystemExit) as e, cli.console():
+    raise train.NonFiniteLossError("non-finite loss at step 5")  # what the loop raises: a user error too
+  assert e.value.code == "error: non-finite loss at step 5"
 
 
 def test_a_bug_keeps_its_traceback():
