@@ -16,10 +16,9 @@ from typing import Any
 
 import ml_collections
 
+from hybridhash_jax import choices
 from hybridhash_jax import config_lib
 from hybridhash_jax import errors
-from hybridhash_jax import models
-from hybridhash_jax import optim
 from hybridhash_jax.data import listfile
 
 BITS = (16, 32, 48, 64)
@@ -57,12 +56,12 @@ def common_args() -> dict[str, Arg]:
   return dict(
       bits=Arg(64, BITS),
       runlocal=Arg(False),
-      token_layout=Arg("reference", models.TOKEN_LAYOUTS),
+      token_layout=Arg("reference", choices.TOKEN_LAYOUTS),
       interaction=Arg(True),
       hash_global=Arg(True),
       memory_bank_size=Arg(-1),
-      optimizer=Arg("auto", ("auto", *optim.NAMES)),  # auto: rmsprop, adamw with runlocal
-      dtype=Arg("auto", ("auto", *models.DTYPES)),  # auto: bfloat16, float32 with runlocal
+      optimizer=Arg("auto", ("auto", *choices.OPTIMIZERS)),  # auto: rmsprop, adamw with runlocal
+      dtype=Arg("auto", ("auto", *choices.DTYPES)),  # auto: bfloat16, float32 with runlocal
   )
 
 
