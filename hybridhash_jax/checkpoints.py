@@ -61,17 +61,19 @@ def save_params(directory: str, params: Any, config: dict, step: int = 0) -> Non
 
 def _open(directory: str) -> ocp.CheckpointManager:
   if not epath.Path(directory).is_dir():
-    raise FileNotFoundError(
+    raise errors.NotFoundError(
         f"no checkpoint directory {directory}. For NesT-B weights, convert them first: python -m "
         "hybridhash_jax.convert --source nest_base_jx.safetensors --format torch --mode nest --config CONFIG "
         "--output DIR (see docs/training.md, 'NesT-B weights').")
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  # The options read_only implies, given, so that orbax does not warn that it set them.
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def _saved_config(mngr: ocp.CheckpointManager, directory: str, step: int | None) -> tuple[dict, int]:
   step = mngr.latest_step() if step is None or step < 0 else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint found in {directory}")
+    raise errors.NotFoundError(f"no checkpoint found in {directory}")
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step
 
 

@@ -16,10 +16,9 @@ from typing import Any
 
 import ml_collections
 
+from hybridhash_jax import choices
 from hybridhash_jax import config_lib
 from hybridhash_jax import errors
-from hybridhash_jax import models
-from hybridhash_jax import optim
 from hybridhash_jax.data import listfile
 
 BITS = (16, 32, 48, 64)
@@ -36,7 +35,7 @@ class Arg:
 def load_module(path: str) -> types.ModuleType:
   """Imports a config file by path, as `config_flags` does (so scripts and notebooks need no flags)."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found")
+    raise errors.NotFoundError(f"config file {path!r} not found")
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"{name}_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -57,12 +56,12 @@ def common_args() -> dict[str, Arg]:
   return dict(
       bits=Arg(64, BITS),
       runlocal=Arg(False),
-      token_layout=Arg("reference", models.TOKEN_LAYOUTS),
+      token_layout=Arg("reference", choices.TOKEN_LAYOUTS),
       interaction=Arg(True),
       hash_global=Arg(True),
       memory_bank_size=Arg(-1),
-      optimizer=Arg("auto", ("auto", *optim.NAMES)),  # auto: rmsprop, adamw with runlocal
-      dtype=Arg("auto", ("auto", *models.DTYPES)),  # auto: bfloat16, float32 with runlocal
+      optimizer=Arg("auto", ("auto", *choices.OPTIMIZERS)),  # auto: rmsprop, adamw with runlocal
+      dtype=Arg("auto", ("auto", *choices.DTYPES)),  # auto: bfloat16, float32 with runlocal
   )
 
 

@@ -6,9 +6,8 @@ misspelt key fails under `lock_config=True` and every run has the same fields.
 
 import ml_collections
 
+from hybridhash_jax import choices
 from hybridhash_jax import errors
-from hybridhash_jax import models
-from hybridhash_jax import optim
 
 PAPER_MODEL = dict(
     img_size=224,
@@ -108,9 +107,9 @@ def from_scratch(c: ml_collections.ConfigDict) -> None:
 
 
 _CHOICES = {
-    **{f"model.{k}": v for k, v in models.CHOICES.items()},
-    "optimizer.name": optim.NAMES,
-    "optimizer.schedule": optim.SCHEDULES,
+    **{f"model.{k}": v for k, v in choices.MODEL.items()},
+    "optimizer.name": choices.OPTIMIZERS,
+    "optimizer.schedule": choices.SCHEDULES,
     "loss.bank_init": ("zeros", "codes"),
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -128,9 +127,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   The model checks its own shapes and `input_pipeline.validate` the `data` fields.
   """
-  for field, choices in _CHOICES.items():
-    if _get(config, field) not in choices:
-      raise errors.ConfigError(f"config.{field}={_get(config, field)!r} is not one of {choices}")
+  for field, allowed in _CHOICES.items():
+    if _get(config, field) not in allowed:
+      raise errors.ConfigError(f"config.{field}={_get(config, field)!r} is not one of {allowed}")
   for field in _POSITIVE:
     if not _get(config, field) > 0:
       raise errors.ConfigError(f"config.{field}={_get(config, field)!r} must be > 0")

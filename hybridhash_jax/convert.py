@@ -24,6 +24,7 @@ CLI (writes a params-only orbax checkpoint that evaluation and `init_checkpoint`
 """
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -37,6 +38,8 @@ from ml_collections import config_flags
 from safetensors.numpy import load_file
 
 from hybridhash_jax import checkpoints
+from hybridhash_jax import cli
+from hybridhash_jax import errors
 from hybridhash_jax.models import PRESETS, HybridHash, abstract_params, from_config, model_config
 
 IGNORED_PREFIX = "FcLayer."
@@ -110,7 +113,7 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model: HybridHash, m
     problems = [("missing", missing), ("unexpected", unexpected)] + problems
   problems = [f"{what} ({len(v)}):\n    " + "\n    ".join(_first(v)) for what, v in problems if v]
   if problems:
-    raise ValueError(f"state dict does not fit the model ({mode} mode):\n  " + "\n  ".join(problems))
+    raise errors.DataError(f"state dict does not fit the model ({mode} mode):\n  " + "\n  ".join(problems))
 
   init_flat = traverse_util.flatten_dict(init_params) if init_params is not None else {}
   flat = {}
@@ -130,8 +133,10 @@ def _first(names: list[str], n: int = 25) -> list[str]:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   if not str(path).endswith(".safetensors"):
-    raise ValueError(f"{path}: only .safetensors is read (a .pth is a pickle); convert it first, "
-                     "see the hybridhash_jax.convert module docstring for the one-liner")
+    raise errors.DataError(f"{path}: only .safetensors is read (a .pth is a pickle); convert it first, "
+                           "see the hybridhash_jax.convert module docstring for the one-liner")
+  if not os.path.isfile(path):
+    raise errors.NotFoundError(f"--source={path}: no such file")
   return load_file(path)
 
 
@@ -173,7 +178,7 @@ def nest_flax_to_state_dict(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
     p = f"EncoderNDBlock_{k}/"
     c = t[p + "LayerNorm_0/scale"].shape[0]
     if c not in widths:
-      raise ValueError(f"EncoderNDBlock_{k} has width {c}, which no PositionEmbedding has ({widths})")
+      raise errors.DataError(f"EncoderNDBlock_{k} has width {c}, which no PositionEmbedding has ({widths})")
     level = widths.index(c)
     q = f"levels.{level}.transformer_encoder.{layer_in_level[level]}."
     layer_in_level[level] += 1
@@ -198,12 +203,14 @@ def nest_flax_to_state_dict(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def load_nest_flax_checkpoint(path: str, model: HybridHash, init_params: Any) -> Any:
   """Loads the official NesT Flax msgpack checkpoint as `nest` mode does timm's weights."""
+  if not os.path.isfile(path):
+    raise errors.NotFoundError(f"--source={path}: no such file")
   with open(path, "rb") as f:
     restored = serialization.msgpack_restore(f.read())
   try:
     tree = restored["optimizer"]["target"]
   except (KeyError, TypeError) as e:
-    raise ValueError(f"{path}: no ['optimizer']['target'] params in this msgpack checkpoint") from e
+    raise errors.DataError(f"{path}: no ['optimizer']['target'] params in this msgpack checkpoint") from e
   params, report = import_state_dict(nest_flax_to_state_dict(tree), model, "nest", init_params)
   report.log()
   return params
@@ -219,12 +226,17 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "Checkpoint directory to write.")
   flags.DEFINE_integer("seed", 0, "Init seed for the tensors the source lacks.")
   config_flags.DEFINE_config_file("config", None, "Experiment config; its `model` is used.")
+  flags.DEFINE_enum("log_level", "warning", cli.LOG_LEVELS, cli.LOG_LEVEL_HELP)
   flags.mark_flags_as_required(["source", "output"])
 
 
 def main(argv):
   del argv
-  f = flags.FLAGS
+  with cli.console(flags.FLAGS.log_level):
+    _convert(flags.FLAGS)
+
+
+def _convert(f) -> None:
   if f.config is not None:
     model = from_config(f.config.model)
   else:
@@ -238,7 +250,7 @@ def main(argv):
   else:
     params = load_torch_weights(f.source, model, f.mode, init_params)
   checkpoints.save_params(f.output, params, {"model": model_config(model)})
-  logging.info("wrote %s", f.output)
+  print(f"wrote {f.output}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import numpy as np
 
 from hybridhash_jax import checkpoints
 from hybridhash_jax import config_lib
+from hybridhash_jax import errors
 from hybridhash_jax import exported
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import models
@@ -151,6 +152,6 @@ def open_encoder(workdir: str | None = None, encoder: str | None = None, step: i
   if workdir:
     return Encoder.from_workdir(workdir, step)
   if not index_info:
-    raise ValueError("no encoder: pass --workdir or --encoder")
+    raise errors.ConfigError("no encoder: pass --workdir or --encoder")
   return Encoder.from_workdir(str(epath.Path(index_info["checkpoint"]).parent),
                               index_info["step"] if step is None else step)

@@ -1,8 +1,8 @@
 """Errors that mean "fix your input", not "a bug": the command-line tools print them as one `error:` line.
 
-Every one is a `UserError`. The entry points report those without a traceback and let every other
-exception show its trace. Config, data and checkpoint errors are also ValueErrors, so library callers
-that catch ValueError keep working.
+Every one is a `UserError`. The entry points (`cli.console`) report those without a traceback, with
+exit status 1, and let every other exception show its trace. Each also derives from the built-in error
+it refines (ValueError, FileNotFoundError, KeyError, ...), so library callers that catch those keep working.
 """
 
 import importlib
@@ -22,6 +22,18 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
   """A checkpoint that cannot be read or does not fit the run; the message names the step and the file."""
+
+
+class NotFoundError(UserError, FileNotFoundError):
+  """A file the run needs (a dataset, weights, a checkpoint, an index) is not there; the message names it."""
+
+
+class NoSuchItemError(UserError, KeyError):
+  """An item id an index does not hold; the message names the id and the index."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+  """Training met a non-finite loss or gradient; the message names the step and what to change."""
 
 
 class WorkdirBusyError(UserError):

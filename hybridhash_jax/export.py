@@ -9,13 +9,14 @@ and runs with jax and numpy alone (`exported.load`), and `index build/search --e
 import argparse
 import json
 import os
-import sys
 
 from absl import logging
 import jax
 import numpy as np
 
+from hybridhash_jax import cli
 from hybridhash_jax import encoding
+from hybridhash_jax import errors
 from hybridhash_jax import input_pipeline
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -48,7 +49,7 @@ def export_encoder(workdir: str, output: str, step: int | None = None, platforms
           jax.ShapeDtypeStruct((batch, enc.img_size, enc.img_size, 3), np.uint8))
   lowered = [p for p in platforms if _lower(encode, args, (p,)) is not None]
   if not lowered:
-    raise ValueError(f"the encoder cannot be lowered for any of {tuple(platforms)}")
+    raise errors.ConfigError(f"--platforms: the encoder cannot be lowered for any of {tuple(platforms)}")
   exp = _lower(encode, args, tuple(lowered))
   info = {**enc.info, "platforms": lowered, "batch_size": enc.batch_size,
           "params": [{"dtype": np.dtype(x.dtype).name, "shape": list(x.shape)} for x in leaves]}
@@ -67,11 +68,11 @@ def main(argv=None) -> None:
   p.add_argument("--output", required=True, help="the file to write (an .npz archive)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--platforms", default=",".join(PLATFORMS), help="comma-separated: cpu,cuda,tpu")
+  cli.add_log_level(p)
   args = p.parse_args(argv)
-  try:
+  with cli.console(args.log_level):
+    cli.compilation_cache()
     info = export_encoder(args.workdir, args.output, args.step, tuple(args.platforms.split(",")))
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
   print(f"{args.output}: {info['bits']}-bit encoder of {info['checkpoint']} step {info['step']}, "
         f"for {', '.join(info['platforms'])}")
 

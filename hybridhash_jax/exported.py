@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybridhash_jax import errors
+
 
 def load(path: str):
   """(encode, info): encode maps uint8 (n, S, S, 3) images to float32 (n, bits) codes on the default device."""
@@ -27,9 +29,9 @@ def load(path: str):
       params = [np.frombuffer(z[f"param_{i}"].tobytes(), jnp.dtype(p["dtype"])).reshape(p["shape"])
                 for i, p in enumerate(info["params"])]
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{path}: no exported encoder there") from e
+    raise errors.NotFoundError(f"{path}: no exported encoder there") from e
   except Exception as e:  # noqa: BLE001  # a zip, JSON or serialisation error all mean "this file"
-    raise ValueError(f"{path}: not an exported encoder ({type(e).__name__}: {e})") from e
+    raise errors.DataError(f"{path}: not an exported encoder ({type(e).__name__}: {e})") from e
   params = [jax.device_put(p) for p in params]
 
   def encode(images: np.ndarray) -> np.ndarray:

@@ -99,12 +99,12 @@ def _atomic_write(path: str, write) -> None:
 
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no index there (build one with python -m hybridhash_jax.index build)")
+    raise errors.NotFoundError(f"{path}: no index there (build one with python -m hybridhash_jax.index build)")
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: corrupt index file ({e})") from e
+    raise errors.DataError(f"{path}: corrupt index file ({e})") from e
 
 
 class HammingIndex:
@@ -124,34 +124,34 @@ class HammingIndex:
     try:
       files, bits, count = info["files"], int(info["bits"]), int(info["count"])
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"{os.path.join(directory, INDEX_JSON)}: corrupt index file (missing {e})") from e
+      raise errors.DataError(f"{os.path.join(directory, INDEX_JSON)}: corrupt index file (missing {e})") from e
     paths = {k: os.path.join(directory, v) for k, v in files.items()}
     for path in paths.values():
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: index file not found (named in {os.path.join(directory, INDEX_JSON)})")
+        raise errors.NotFoundError(f"{path}: index file not found (named in {os.path.join(directory, INDEX_JSON)})")
     try:
       index = faiss.read_index_binary(paths["faiss"])
     except RuntimeError as e:
-      raise ValueError(f"{paths['faiss']}: corrupt faiss index ({str(e).splitlines()[-1]})") from e
+      raise errors.DataError(f"{paths['faiss']}: corrupt faiss index ({str(e).splitlines()[-1]})") from e
     try:
       table = pq.read_table(paths["items"]).to_pydict()
     except (pa.ArrowException, OSError) as e:
-      raise ValueError(f"{paths['items']}: corrupt item table ({e})") from e
+      raise errors.DataError(f"{paths['items']}: corrupt item table ({e})") from e
     try:
       codes = np.load(paths["codes"], allow_pickle=False)
     except (ValueError, OSError) as e:
-      raise ValueError(f"{paths['codes']}: corrupt codes file ({e})") from e
+      raise errors.DataError(f"{paths['codes']}: corrupt codes file ({e})") from e
     for name, n in (("faiss", index.ntotal), ("items", len(table.get("id", []))), ("codes", len(codes))):
       if n != count:
-        raise ValueError(f"{paths[name]}: holds {n} items but {INDEX_JSON} says {count}")
+        raise errors.DataError(f"{paths[name]}: holds {n} items but {INDEX_JSON} says {count}")
     if index.d != bits or codes.shape[1:] != (bits // 8,) or codes.dtype != np.uint8:
-      raise ValueError(f"{directory}: the index files do not hold {bits}-bit codes")
+      raise errors.DataError(f"{directory}: the index files do not hold {bits}-bit codes")
     return cls(directory, info, index, table, codes)
 
   def item(self, id: int) -> dict:
     """{"id", "path" (relative), "size", "mtime" (seconds), "label"}; KeyError for an unknown id."""
     if not 0 <= int(id) < len(self):
-      raise KeyError(f"no item {id} in the index {self.directory} ({len(self)} items)")
+      raise errors.NoSuchItemError(f"no item {id} in the index {self.directory} ({len(self)} items)")
     i = int(id)
     return {"id": i, "path": self._items["path"][i], "size": self._items["size"][i],
             "mtime": self._items["mtime_ns"][i] / 1e9, "label": self._items["label"][i]}
@@ -231,8 +231,8 @@ class HammingIndex:
     diffs = [f"{f}: index has {_field(self.info, f)!r}, encoder has {_field(encoder.info, f)!r}"
              for f in ENCODER_FIELDS if _field(self.info, f) != _field(encoder.info, f)]
     if diffs:
-      raise ValueError(f"the encoder ({encoder.info.get('encoder') or encoder.info.get('checkpoint')}) is not the "
-                       f"model of the index {self.directory}:\n  " + "\n  ".join(diffs))
+      raise errors.ConfigError(f"the encoder ({encoder.info.get('encoder') or encoder.info.get('checkpoint')}) is not "
+                               f"the model of the index {self.directory}:\n  " + "\n  ".join(diffs))
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -252,7 +252,7 @@ def scan(images: str) -> tuple[str, list[str], list[tuple[str, str]]]:
                 if not f.startswith(".") and f.lower().endswith(images_lib.EXTENSIONS)]
     return root, sorted(found), []
   if not os.path.isfile(images):
-    raise FileNotFoundError(f"--images={images}: neither a folder nor a list file")
+    raise errors.NotFoundError(f"--images={images}: neither a folder nor a list file")
   root = os.path.dirname(os.path.abspath(images))
   with open(images, encoding="utf-8") as f:
     listed = [os.path.relpath(os.path.join(root, line.strip()), root) for line in f if line.strip()]
@@ -320,7 +320,7 @@ def make_faiss(kind: str, bits: int, codes: np.ndarray, nhash: int | None, nlist
   elif kind == "multihash":
     nhash = nhash or max(1, bits // 16)  # tables of 16-bit substrings
     if bits % nhash:
-      raise ValueError(f"--nhash={nhash} must divide the {bits} bits")
+      raise errors.ConfigError(f"--nhash={nhash} must divide the {bits} bits")
     index, params = faiss.IndexBinaryMultiHash(bits, nhash, bits // nhash), {"nhash": nhash, "b": bits // nhash}
   elif kind == "ivf":
     nlist = max(1, min(nlist or int(4 * np.sqrt(max(len(codes), 1))), len(codes)))
@@ -330,7 +330,7 @@ def make_faiss(kind: str, bits: int, codes: np.ndarray, nhash: int | None, nlist
     index.nprobe = min(nlist, 16)
     params = {"nlist": nlist, "nprobe": index.nprobe}
   else:
-    raise ValueError(f"--kind={kind!r} is not one of {KINDS}")
+    raise errors.ConfigError(f"--kind={kind!r} is not one of {KINDS}")
   if len(codes):
     index.add(codes)
   return index, params
@@ -345,9 +345,9 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
   the chunks; process 0 then writes the index).
   """
   if kind not in KINDS:
-    raise ValueError(f"--kind={kind!r} is not one of {KINDS}")
+    raise errors.ConfigError(f"--kind={kind!r} is not one of {KINDS}")
   if encoder.bits % 8:
-    raise ValueError(f"faiss binary indexes need a multiple of 8 bits; the encoder has {encoder.bits}")
+    raise errors.ConfigError(f"faiss binary indexes need a multiple of 8 bits; the encoder has {encoder.bits}")
   t0 = time.perf_counter()
   root, rels, missing = scan(images)
   os.makedirs(out, exist_ok=True)
@@ -475,7 +475,7 @@ def export(index: HammingIndex, output: str, fmt: str) -> list[str]:
       written.append(os.path.join(output, f"{name}.npy"))
       np.save(written[-1], arr)
   else:
-    raise ValueError(f"--format={fmt!r} is not one of ('parquet', 'npy')")
+    raise errors.ConfigError(f"--format={fmt!r} is not one of ('parquet', 'npy')")
   meta = output + ".index.json" if fmt == "parquet" else os.path.join(output, INDEX_JSON)
   with open(meta, "w", encoding="utf-8") as f:
     json.dump(index.info, f, indent=2)

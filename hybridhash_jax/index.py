@@ -6,19 +6,23 @@
   export  --index=OUT --format=parquet|npy --output=PATH
 
 Thin on purpose: the library is `hamming_index` (index) and `encoding` (checkpoint -> codes).
-A user error (missing or corrupt file, a non-image query, an encoder of another model) ends with
-one `error: ...` line and exit status 1.
+`cli.console` gives the log level, the `error:` line (a missing or corrupt file, a non-image query,
+an encoder of another model: exit status 1) and the signals: SIGINT or SIGTERM stops a build with
+exit status 130 or 143, keeping the chunks it staged, so the same command resumes.
 """
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
+import signal
 import sys
 
 import numpy as np
 
-from hybridhash_jax import sharding
+from hybridhash_jax import cli
+from hybridhash_jax import interrupts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--index", required=True)
   e.add_argument("--format", required=True, choices=("parquet", "npy"))
   e.add_argument("--output", required=True, help="a .parquet file, or a folder for npy")
+  for command in (b, s, e):
+    cli.add_log_level(command)
   return p
 
 
@@ -68,20 +74,35 @@ def _encoder(args, info: dict | None = None):
 
 
 def _build(args) -> None:
+  from hybridhash_jax import sharding
   sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   import jax
   from jax.experimental import multihost_utils
   from hybridhash_jax import hamming_index
   multi = jax.process_count() > 1
-  info = hamming_index.build(_encoder(args), args.images, args.index, kind=args.kind, chunk_size=args.chunk,
-                             nhash=args.nhash, nlist=args.nlist, process_index=jax.process_index(),
-                             process_count=jax.process_count(),
-                             barrier=multihost_utils.sync_global_devices if multi else None)
+  try:
+    info = hamming_index.build(_encoder(args), args.images, args.index, kind=args.kind, chunk_size=args.chunk,
+                               nhash=args.nhash, nlist=args.nlist, process_index=jax.process_index(),
+                               process_count=jax.process_count(),
+                               barrier=multihost_utils.sync_global_devices if multi else None)
+  except interrupts.Interrupted as e:
+    signum = e.signum  # raised again below, once the build's frames (and its progress bar) are gone
+  else:
+    signum = None
+  if signum is not None:
+    # Every staged chunk was written whole (to a temporary name, then renamed): a rerun reuses them.
+    staging = os.path.join(args.index, hamming_index.STAGING)
+    staged = len(glob.glob(os.path.join(staging, "*.npz")))
+    raise interrupts.Interrupted(signum, f"stopped by {signal.Signals(signum).name}: {staged} chunks of up to "
+                                 f"{args.chunk} images staged in {staging}; rerun the same command to resume")
   if jax.process_index() == 0:
     for path, reason in info["skipped"]:
       print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{args.index}: {info['count']} images indexed ({info['kind']}, {info['bits']} bits), "
-          f"{info['build']['encoded']} encoded, {len(info['skipped'])} skipped, {info['build']['seconds']:.1f} s")
+          f"{info['build']['encoded']} encoded, {info['build']['resumed']} resumed, {len(info['skipped'])} skipped, "
+          f"{info['build']['seconds']:.1f} s")
+    print(f"next: python -m hybridhash_jax.index search --index={args.index} --id 0, or "
+          f"python -m hybridhash_jax.serve --index={args.index}")
 
 
 def _query_label(path: str) -> str:
@@ -146,12 +167,10 @@ def _export(args) -> None:
 
 def main(argv=None) -> None:
   args = _parser().parse_args(argv)
-  from hybridhash_jax.data import images
-  try:
+  with cli.console(args.log_level):
+    if args.command != "export":
+      cli.compilation_cache()
     {"build": _build, "search": _search, "export": _export}[args.command](args)
-  except (FileNotFoundError, ValueError, KeyError, images.BadImageError) as e:
-    # User errors (a missing or corrupt file, a non-image, another model): one line, no traceback.
-    sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
 
 
 if __name__ == "__main__":

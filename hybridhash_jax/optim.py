@@ -11,10 +11,11 @@ eps_in_sqrt=False)`; optax's default `eps_in_sqrt=True` would differ.
 import ml_collections
 import optax
 
+from hybridhash_jax import choices
 from hybridhash_jax import errors
 
-NAMES = ("rmsprop", "adamw")
-SCHEDULES = ("constant", "warmup_cosine")
+NAMES = choices.OPTIMIZERS
+SCHEDULES = choices.SCHEDULES
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict,

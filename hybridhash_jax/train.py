@@ -7,6 +7,7 @@ taking params from `config.init_checkpoint` when given.
 
 import dataclasses
 import functools
+import signal
 import time
 from typing import Any
 
@@ -21,9 +22,11 @@ import optax
 
 from hybridhash_jax import checkpoints
 from hybridhash_jax import config_lib
+from hybridhash_jax import errors
 from hybridhash_jax import evaluate
 from hybridhash_jax import health
 from hybridhash_jax import input_pipeline
+from hybridhash_jax import interrupts
 from hybridhash_jax import losses
 from hybridhash_jax import metric_writer
 from hybridhash_jax import models
@@ -51,8 +54,7 @@ class TrainState:
                 rng=self.rng)
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+NonFiniteLossError = errors.NonFiniteLossError  # what `_check_finite` raises, with the other user errors
 
 
 @dataclasses.dataclass
@@ -249,39 +251,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.warning("Could not save step %d before stopping: %s", step, e)
 
   start_step = step
-  try:
-    while step < setup.total_steps:
-      batch = sharding.global_batch(mesh, next(data_iter))
-      state, m = train_step(state, batch)
-      step += 1
-      pending.append((step, m))
-      boundary = step % config.log_every_steps == 0 or step == setup.total_steps
-      ckpt_due = step % config.checkpoint_every_steps == 0 or step == setup.total_steps
-      eval_due = eval_every > 0 and step % eval_every == 0
-      if boundary or ckpt_due or eval_due or mngr.reached_preemption(step):
-        fetched = _check_finite(pending)
-        pending = []
-        if boundary:
-          dt = time.perf_counter() - t0
-          rate = (step - t0_step) * config.batch_size / dt
-          last = fetched[-1][1]
-          writer.write(step, {**{k: float(v) for k, v in last.items()}, "images_per_sec": rate,
-                              "epoch": step / setup.steps_per_epoch})
-          logging.info("step %d/%d epoch %.2f loss %.5f grad_norm %.4f mean|u| %.3f constant bits %.2f "
-                       "distinct codes %d %.1f img/s", step, setup.total_steps, step / setup.steps_per_epoch,
-                       last["loss"], last["grad_norm"], last["mean_abs_u"], last["constant_bits"],
-                       last["distinct_codes"], rate)
-          monitor.update(step, {k: float(v) for k, v in last.items()})
-          t0, t0_step = time.perf_counter(), step
-        if ckpt_due or mngr.reached_preemption(step):
-          save(step)
-        if eval_due and step != setup.total_steps:
-          results = evaluator.run(state.params, splits, step, workdir, results, writer)
-  except (Exception, KeyboardInterrupt) as e:
-    save_before_raising(e)
-    raise
-  finally:
-    mngr.wait_until_finished()
+  with interrupts.deferred() as stop:  # a signal stops the loop after its step (when the CLI handles signals)
+    try:
+      while step < setup.total_steps and stop.signum is None:
+        batch = sharding.global_batch(mesh, next(data_iter))
+        state, m = train_step(state, batch)
+        step += 1
+        pending.append((step, m))
+        boundary = step % config.log_every_steps == 0 or step == setup.total_steps
+        ckpt_due = step % config.checkpoint_every_steps == 0 or step == setup.total_steps
+        eval_due = eval_every > 0 and step % eval_every == 0
+        if boundary or ckpt_due or eval_due or mngr.reached_preemption(step):
+          fetched = _check_finite(pending)
+          pending = []
+          if boundary:
+            dt = time.perf_counter() - t0
+            rate = (step - t0_step) * config.batch_size / dt
+            last = fetched[-1][1]
+            writer.write(step, {**{k: float(v) for k, v in last.items()}, "images_per_sec": rate,
+                                "epoch": step / setup.steps_per_epoch})
+            logging.info("step %d/%d epoch %.2f loss %.5f grad_norm %.4f mean|u| %.3f constant bits %.2f "
+                         "distinct codes %d %.1f img/s", step, setup.total_steps, step / setup.steps_per_epoch,
+                         last["loss"], last["grad_norm"], last["mean_abs_u"], last["constant_bits"],
+                         last["distinct_codes"], rate)
+            monitor.update(step, {k: float(v) for k, v in last.items()})
+            t0, t0_step = time.perf_counter(), step
+          if ckpt_due or mngr.reached_preemption(step):
+            save(step)
+          if eval_due and step != setup.total_steps:
+            results = evaluator.run(state.params, splits, step, workdir, results, writer)
+    except (Exception, KeyboardInterrupt) as e:
+      save_before_raising(e)
+      raise
+    finally:
+      mngr.wait_until_finished()
+    if stop.signum is not None:
+      if step != mngr.latest_step():
+        _check_finite(pending)
+        save(step)
+        mngr.wait_until_finished()
+      raise interrupts.Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name}: step {step} is "
+                                   f"saved in {mngr.directory}; rerun the same command to resume")
   if results.get("step") != step:
     results = evaluator.run(state.params, splits, step, workdir, results, writer)
   mngr.close()

@@ -278,8 +278,9 @@ def test_missing_dataset_or_bad_field_exits_with_one_message(tmp_path, flags, me
   proc = _run_main(tmp_path, *(f.format(empty=tmp_path / "empty") for f in flags))
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  assert proc.stderr.count("\nerror: ") == 1, proc.stderr[-3000:]
-  error = proc.stderr[proc.stderr.index("\nerror: "):]  # the last thing main prints: sys.exit's message
+  stderr = "\n" + proc.stderr  # a config error comes before any log line
+  assert stderr.count("\nerror: ") == 1, proc.stderr[-3000:]
+  error = stderr[stderr.index("\nerror: "):]  # the last thing main prints: sys.exit's message
   assert all(m in error for m in message), error
 
 

@@ -84,7 +84,7 @@ def _read_members(root: str) -> tuple[list[bytes], list[str], bool]:
       for files, is_py in ((_PY_FILES, True), (_BIN_FILES, False)):
         if all(f in names for f in files):
           return [tar.extractfile(names[f]).read() for f in files], [f"{root}:{f}" for f in files], is_py
-    raise FileNotFoundError(f"{root}: no CIFAR-10 batches ({', '.join(_PY_FILES)} or the .bin files) in the archive")
+    raise errors.NotFoundError(f"{root}: no CIFAR-10 batches ({', '.join(_PY_FILES)} or the .bin files) in the archive")
   for folder in (root, os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-10-batches-bin")):
     for files, is_py in ((_PY_FILES, True), (_BIN_FILES, False)):
       paths = [os.path.join(folder, f) for f in files]
@@ -94,7 +94,7 @@ def _read_members(root: str) -> tuple[list[bytes], list[str], bool]:
           with open(p, "rb") as f:
             out.append(f.read())
         return out, paths, is_py
-  raise FileNotFoundError(
+  raise errors.NotFoundError(
       f"config.data.root={root!r}: no CIFAR-10 archive (cifar-10-python.tar.gz, cifar-10-binary.tar.gz, or a folder "
       f"with cifar-10-batches-py/ or cifar-10-batches-bin/). Download it from {ARCHIVE_URL} and point "
       "--config.data.root at it.")
@@ -122,7 +122,7 @@ def open_tfds(data_dir: str) -> list:
   try:
     return [tfds.data_source("cifar10", split=s, data_dir=data_dir or None, download=False) for s in ("train", "test")]
   except Exception as e:  # noqa: BLE001  # TFDS raises several types for "not prepared"
-    raise FileNotFoundError(
+    raise errors.NotFoundError(
         f"config.data.tfds_data_dir={data_dir!r}: TFDS cifar10 is not prepared there in ArrayRecord format. "
         f"Prepare it once, where TensorFlow is installed: `{TFDS_BUILD}`, or use the official archive "
         f"({ARCHIVE_URL}) with --config.data.source=archive --config.data.root=PATH. ({type(e).__name__})") from e

@@ -20,7 +20,7 @@ from hybridhash_jax.data import splits
 def scan(root: str) -> tuple[list[str], list[str], np.ndarray]:
   """Sorted class names, image paths relative to `root`, and each image's class id."""
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"config.data.root={root!r}: not a folder")
+    raise errors.NotFoundError(f"config.data.root={root!r}: not a folder")
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
   if not classes:
     raise errors.DataError(f"config.data.root={root!r}: no class sub-folders")
@@ -57,7 +57,7 @@ def build(data, workdir: str | None) -> dict:
     if data.on_bad_image == "error":
       for p in paths:
         if not os.path.isfile(os.path.join(data.root, p)):
-          raise FileNotFoundError(f"{os.path.join(data.root, p)}: image of the saved {split} split not found")
+          raise errors.NotFoundError(f"{os.path.join(data.root, p)}: image of the saved {split} split not found")
     labels = np.zeros((len(paths), len(classes)), np.uint8)
     labels[np.arange(len(paths)), [index[p.split("/", 1)[0]] for p in paths]] = 1
     out[split] = sources.FileSource(f"folder/{split}", data.root, paths, labels, data.on_bad_image, workdir)

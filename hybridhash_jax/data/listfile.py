@@ -26,7 +26,7 @@ LIST_FILES = {"query": "test.txt", "train": "train.txt", "database": "database.t
 def parse(path: str, num_classes: int) -> tuple[list[str], np.ndarray, list[int]]:
   """Files, uint8 multi-hot labels (N, num_classes) and the line number of each entry."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: list file not found (config.data.list_dir)")
+    raise errors.NotFoundError(f"{path}: list file not found (config.data.list_dir)")
   files, labels, lines = [], [], []
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, start=1):
@@ -59,6 +59,6 @@ def build(data, workdir: str | None) -> dict:
     if data.on_bad_image == "error":  # a missing image fails now, not hours into the run
       for f, n in zip(files, lines):
         if not os.path.isfile(os.path.join(data.root, f)):
-          raise FileNotFoundError(f"{path}:{n}: image {os.path.join(data.root, f)} not found (config.data.root)")
+          raise errors.NotFoundError(f"{path}:{n}: image {os.path.join(data.root, f)} not found (config.data.root)")
     out[split] = sources.FileSource(f"listfile/{split}", data.root, files, labels, data.on_bad_image, workdir)
   return out

@@ -25,7 +25,7 @@ def per_class(classes: np.ndarray, query_per_class: int, train_per_class: int, s
   does) or "train" (the database is the training set). Each split lists its rows in ascending order.
   """
   if train_per_class == -1 and database == "rest":
-    raise ValueError(f"{where}: train_per_class=-1 takes every image but the queries, so the database must "
+    raise errors.ConfigError(f"{where}: train_per_class=-1 takes every image but the queries, so the database must "
                      "include the training images")
   rng = np.random.default_rng(seed)
   num_classes = int(classes.max()) + 1

@@ -17,19 +17,19 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from hybridhash_jax import choices
 from hybridhash_jax import errors
 from hybridhash_jax.models.nest_blocks import (
     TransformerLayer, blockify, deblockify, dense, layer_norm, multi_head_attention, weight_init)
 
 GLOBAL_HEADS = 8  # the reference's global attention always uses 8 heads
-TOKEN_LAYOUTS = ("reference", "spatial")
-DTYPES = ("float32", "bfloat16")
-ATTENTIONS = ("einsum", "xla", "cudnn")  # the transformer layers' attention (see `multi_head_attention`)
+TOKEN_LAYOUTS = choices.TOKEN_LAYOUTS
+DTYPES = choices.DTYPES
+ATTENTIONS = choices.ATTENTIONS  # the transformer layers' attention (see `multi_head_attention`)
 # Rematerialisation per transformer layer: "full" saves only its input, "dots" also its matmul outputs.
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-CHOICES = {"token_layout": TOKEN_LAYOUTS, "dtype": DTYPES, "param_dtype": DTYPES,  # config_lib checks these
-           "attention": ATTENTIONS, "remat": tuple(REMAT_POLICIES)}
+REMAT_POLICIES = dict(zip(choices.REMATS, (None, jax.checkpoint_policies.nothing_saveable,
+                                           jax.checkpoint_policies.dots_with_no_batch_dims_saveable)))
+CHOICES = choices.MODEL
 # The fields that fix the parameters and the outputs, which a checkpoint must match (checkpoints.py),
 # and those free to differ between runs of one model (training-only or numerical settings).
 # Together they are the model's config fields (`CONFIG_FIELDS`, below the class; a test checks).
@@ -320,9 +320,9 @@ def _validate(m: HybridHash) -> None:
     raise errors.ConfigError(f"depths {tuple(m.depths)} must all be >= 1")
   if m.bits < 1:
     raise errors.ConfigError(f"bits = {m.bits} must be >= 1")
-  for field, choices in CHOICES.items():
-    if getattr(m, field) not in choices:
-      raise errors.ConfigError(f"{field} = {getattr(m, field)!r} must be one of {choices}")
+  for field, allowed in CHOICES.items():
+    if getattr(m, field) not in allowed:
+      raise errors.ConfigError(f"{field} = {getattr(m, field)!r} must be one of {allowed}")
   if not 0.0 <= m.drop_path_rate < 1.0:
     raise errors.ConfigError(f"drop_path_rate = {m.drop_path_rate} must be in [0, 1)")
   if not m.hash_init_std > 0:
