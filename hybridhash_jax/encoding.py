@@ -49,14 +49,18 @@ def restore(directory: str, mesh, config: dict | None = None, step: int | None =
   The model is built from `config`, which must agree with the saved config in the model fields, or,
   when `config` is None, from the saved config itself.
   """
-  if config is None:
-    config, step = checkpoints.read_config(directory, step)
-  model = models.from_config(config["model"])
-  abstract = models.abstract_params(model)
-  min_size = config.get("mesh", {}).get("fsdp_min_size", config_lib.base_config().mesh.fsdp_min_size)
-  params_sh = sharding.tree_shardings(mesh, abstract, min_size)
-  params, saved, step = checkpoints.restore_params(directory, sharding.place(abstract, params_sh), config, step)
-  return Restored(model, params, params_sh, saved, int(step))
+  built = {}
+
+  def targets(saved: dict) -> dict:
+    model_config = (config or saved)["model"]
+    min_size = (config or saved).get("mesh", {}).get("fsdp_min_size", config_lib.base_config().mesh.fsdp_min_size)
+    built["model"] = models.from_config(model_config)
+    abstract = models.abstract_params(built["model"])
+    built["shardings"] = sharding.tree_shardings(mesh, abstract, min_size)
+    return {"params": sharding.place(abstract, built["shardings"])}
+
+  r = checkpoints.restore(directory, targets, config, step=step)
+  return Restored(built["model"], r.items["params"], built["shardings"], r.config, int(r.step))
 
 
 def local_mesh():

@@ -42,8 +42,8 @@ def main(argv):
       evaluate.evaluate_checkpoint(config, _WORKDIR.value)
     else:
       train.train_and_evaluate(config, _WORKDIR.value)
-  except (errors.ConfigError, errors.DataError, FileNotFoundError) as e:
-    # Bad input (a config field, a data file, a missing dataset or weights file) is not a bug:
+  except (errors.UserError, FileNotFoundError) as e:
+    # Bad input (a config field, a data file, a checkpoint, a missing dataset or weights file) is not a bug:
     # one clear message, no trace. Anything else keeps its traceback.
     sys.exit(f"error: {e}")
 
