@@ -58,7 +58,7 @@ def _flipped(step_dir):
   """64 bytes flipped where orbax alone reads them back changed, without an error: inside a compressed
   value (where the values lie among the OCDBT files varies from run to run, so it is looked for)."""
   clean = _plain_restore(step_dir)
-  for f, where in itertools.product(_params_files(step_dir), np.linspace(0.1, 0.9, 9)):
+  for f, where in itertools.product(_params_files(step_dir), np.linspace(0.05, 0.95, 19)):
     original = f.read_bytes()
     _flip(f, min(int(len(original) * where), len(original) - 64))
     try:
