@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from hybridhash_jax import errors
 from hybridhash_jax import sharding
 
 
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
   from hybridhash_jax.data import images
   try:
     {"build": _build, "search": _search, "export": _export}[args.command](args)
-  except (FileNotFoundError, ValueError, KeyError, images.BadImageError) as e:
+  except (errors.UserError, FileNotFoundError, ValueError, KeyError, images.BadImageError) as e:
     # User errors (a missing or corrupt file, a non-image, another model): one line, no traceback.
     sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
 
