@@ -51,17 +51,18 @@ def restore(directory: str, mesh, config: dict | None = None, step: int | None =
   when `config` is None, from the saved config itself with its runtime fields set for the mesh's
   platform (`models.for_host`: a checkpoint trained with cuDNN attention encodes on a CPU).
   """
-  if config is None:
-    config, step = checkpoints.read_config(directory, step)
-    model_cfg = models.for_host(config["model"], sharding.platform(mesh))
-  else:
-    model_cfg = config["model"]
-  model = models.from_config(model_cfg)
-  abstract = models.abstract_params(model)
-  min_size = config.get("mesh", {}).get("fsdp_min_size", config_lib.base_config().mesh.fsdp_min_size)
-  params_sh = sharding.tree_shardings(mesh, abstract, min_size)
-  params, saved, step = checkpoints.restore_params(directory, sharding.place(abstract, params_sh), config, step)
-  return Restored(model, params, params_sh, saved, int(step))
+  built = {}
+
+  def targets(saved: dict) -> dict:
+    model_config = config["model"] if config else models.for_host(saved["model"], sharding.platform(mesh))
+    min_size = (config or saved).get("mesh", {}).get("fsdp_min_size", config_lib.base_config().mesh.fsdp_min_size)
+    built["model"] = models.from_config(model_config)
+    abstract = models.abstract_params(built["model"])
+    built["shardings"] = sharding.tree_shardings(mesh, abstract, min_size)
+    return {"params": sharding.place(abstract, built["shardings"])}
+
+  r = checkpoints.restore(directory, targets, config, step=step)
+  return Restored(built["model"], r.items["params"], built["shardings"], r.config, int(r.step))
 
 
 def local_mesh():

@@ -40,6 +40,16 @@ class WorkdirBusyError(UserError):
   """Another training run holds the workdir; the message names its host and PID."""
 
 
+class WriteError(UserError, OSError):
+  """A file that could not be written (a full disk, an I/O error, no permission): names the path and the OS error."""
+
+  def __init__(self, path, error: OSError):
+    super().__init__(error.errno, error.strerror or str(error), str(path))
+
+  def __str__(self) -> str:
+    return f"cannot write {self.filename}: {self.strerror}"
+
+
 class MissingExtraError(UserError, ImportError, ValueError):
   """An optional dependency is not installed; the message names the extra that brings it."""
 

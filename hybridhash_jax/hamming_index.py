@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from hybridhash_jax import checkpoints
 from hybridhash_jax import errors
+from hybridhash_jax import files as files_lib
 from hybridhash_jax import metrics
 from hybridhash_jax.data import images as images_lib
 
@@ -86,15 +87,6 @@ def _field(tree: dict, dotted: str):
 def _identity(info: dict) -> dict:
   """What decides the codes: an index built by another identity is re-encoded whole."""
   return {k: info.get(k) for k in ("model", "bits", "checkpoint", "step", "encoder", "transform")}
-
-
-def _atomic_write(path: str, write) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _read_json(path: str) -> dict:
@@ -289,7 +281,7 @@ class _Staging:
           logging.info("discarding %s: staged by another encoder", self.dir)
           shutil.rmtree(self.dir)
       os.makedirs(self.dir, exist_ok=True)
-      _atomic_write(manifest, lambda f: f.write(json.dumps(identity).encode("utf-8")))
+      files_lib.write_with(manifest, lambda f: f.write(json.dumps(identity).encode("utf-8")))
 
   def chunks(self) -> dict:
     """path -> (size, mtime_ns, packed code or None, skip reason or None), over every staged chunk."""
@@ -307,7 +299,7 @@ class _Staging:
   def write(self, paths, stats, codes, reasons) -> str:
     name = hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest()[:20] + ".npz"
     path = os.path.join(self.dir, name)
-    _atomic_write(path, lambda f: np.savez(
+    files_lib.write_with(path, lambda f: np.savez(
         f, paths=np.asarray(paths, dtype=str), size=np.asarray([s[0] for s in stats], np.int64),
         mtime_ns=np.asarray([s[1] for s in stats], np.int64), codes=codes,
         reasons=np.frombuffer(json.dumps(reasons).encode("utf-8"), np.uint8)))
@@ -420,20 +412,18 @@ def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist,
   index, params = make_faiss(kind, info["bits"], codes, nhash, nlist)
   version = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
   files = {"faiss": f"index-{version}.faiss", "items": f"items-{version}.parquet", "codes": f"codes-{version}.npy"}
-  tmp = os.path.join(out, files["faiss"] + ".tmp")
-  faiss.write_index_binary(index, tmp)
-  os.replace(tmp, os.path.join(out, files["faiss"]))
+  files_lib.write_bytes(os.path.join(out, files["faiss"]), faiss.serialize_index_binary(index).tobytes())
   table = pa.table({"id": np.arange(len(paths), dtype=np.int64), "path": paths,
                     "size": np.asarray([stats[p][0] for p in paths], np.int64),
                     "mtime_ns": np.asarray([stats[p][1] for p in paths], np.int64),
                     "label": [_label(p) for p in paths]})
-  _atomic_write(os.path.join(out, files["items"]), lambda f: pq.write_table(table, f))
-  _atomic_write(os.path.join(out, files["codes"]), lambda f: np.save(f, codes))
+  files_lib.write_with(os.path.join(out, files["items"]), lambda f: pq.write_table(table, f))
+  files_lib.write_with(os.path.join(out, files["codes"]), lambda f: np.save(f, codes))
   labels = sorted({_label(p) for p in paths} - {None})
   new = {"format": FORMAT, "kind": kind, "params": params, **info, "bit_order": BIT_ORDER, "images": root,
          "count": len(paths), "num_labels": len(labels), "skipped": skipped, "files": files,
          "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build_stats}
-  _atomic_write(os.path.join(out, INDEX_JSON), lambda f: f.write(json.dumps(new, indent=2).encode("utf-8")))
+  files_lib.write_with(os.path.join(out, INDEX_JSON), lambda f: f.write(json.dumps(new, indent=2).encode("utf-8")))
   keep = set(files.values()) | {INDEX_JSON}
   for name in os.listdir(out):
     if name not in keep and (name.startswith(("index-", "items-", "codes-")) or ".tmp" in name):
@@ -465,7 +455,7 @@ def export(index: HammingIndex, output: str, fmt: str) -> list[str]:
     table = pa.table({"id": ids, "path": paths, "label": labels,
                       "code": pa.array([c.tobytes() for c in codes], type=code_type)},
                      metadata={"hybridhash": json.dumps({"bits": index.bits, "bit_order": BIT_ORDER})})
-    pq.write_table(table, output)
+    files_lib.write_with(output, lambda f: pq.write_table(table, f))
     written = [output]
   elif fmt == "npy":
     os.makedirs(output, exist_ok=True)
@@ -473,10 +463,9 @@ def export(index: HammingIndex, output: str, fmt: str) -> list[str]:
     for name, arr in (("ids", ids), ("codes", codes), ("paths", np.asarray(paths, dtype=str)),
                       ("labels", np.asarray([l or "" for l in labels], dtype=str))):
       written.append(os.path.join(output, f"{name}.npy"))
-      np.save(written[-1], arr)
+      files_lib.write_with(written[-1], lambda f, arr=arr: np.save(f, arr))
   else:
     raise errors.ConfigError(f"--format={fmt!r} is not one of ('parquet', 'npy')")
   meta = output + ".index.json" if fmt == "parquet" else os.path.join(output, INDEX_JSON)
-  with open(meta, "w", encoding="utf-8") as f:
-    json.dump(index.info, f, indent=2)
+  files_lib.write_json(meta, index.info, indent=2)
   return written + [meta]

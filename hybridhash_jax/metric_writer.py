@@ -6,6 +6,8 @@ from etils import epath
 import jax
 import numpy as np
 
+from hybridhash_jax import files
+
 
 class MetricWriter:
   """Appends one JSON line per write and mirrors scalars to TensorBoard (tensorboardX)."""
@@ -15,18 +17,23 @@ class MetricWriter:
     if not self._active:
       return
     from tensorboardX import SummaryWriter
-    self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
-    self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+    self._path = epath.Path(workdir) / "metrics.jsonl"
+    with files.writing(self._path):
+      self._jsonl = self._path.open("a")
+    self._tb_dir = epath.Path(workdir) / "tensorboard"
+    self._tb = SummaryWriter(str(self._tb_dir))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self._active:
       return
     scalars = {k: float(v) for k, v in scalars.items() if np.ndim(v) == 0}
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    with files.writing(self._path):  # a full disk stops the run naming this file
+      self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+      self._jsonl.flush()
+    with files.writing(self._tb_dir):
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
 
   def close(self) -> None:
     if self._active:

@@ -32,6 +32,7 @@ from hybridhash_jax import metric_writer
 from hybridhash_jax import models
 from hybridhash_jax import optim
 from hybridhash_jax import sharding
+from hybridhash_jax import workdir_lock
 from hybridhash_jax.data import check
 
 # The init is one threefry draw per param, which XLA:CPU's default LLVM level (3) is slow to compile:
@@ -169,12 +170,16 @@ def _init_params(config, setup: Setup, fresh: Any) -> Any:
   param but the hash layer's, which keep their fresh initialisation; any other model field must match.
   """
   directory = config.init_checkpoint
-  saved_bits = checkpoints.read_config(directory)[0].get("model", {}).get("bits", config.model.bits)
-  saved = models.abstract_params(models.from_config(dict(config.model.to_dict(), bits=saved_bits)))
-  target = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(
-      s.shape, a.dtype, sharding=a.sharding if s.shape == a.shape else sharding.replicated(setup.mesh)),
-                        saved, setup.abstract_state.params)
-  params, _, step = checkpoints.restore_params(directory, target, config.to_dict(), fields=checkpoints.INIT_FIELDS)
+
+  def targets(saved: dict) -> dict:
+    bits = saved.get("model", {}).get("bits", config.model.bits)
+    abstract = models.abstract_params(models.from_config(dict(config.model.to_dict(), bits=bits)))
+    return {"params": jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(
+        s.shape, a.dtype, sharding=a.sharding if s.shape == a.shape else sharding.replicated(setup.mesh)),
+                                   abstract, setup.abstract_state.params)}
+
+  r = checkpoints.restore(directory, targets, config.to_dict(), fields=checkpoints.INIT_FIELDS)
+  params, step, saved_bits = r.items["params"], r.step, r.config.get("model", {}).get("bits", config.model.bits)
   kept = [jax.tree_util.keystr(path) for (path, p), f in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                                               jax.tree.leaves(fresh)) if p.shape != f.shape]
   logging.info("Params initialised from %s (step %d)%s.", directory, step,
@@ -198,10 +203,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        splits: input_pipeline.Splits | None = None) -> dict:
   """Trains (resuming if possible), evaluates every `eval_every_epochs`, returns the final results.
 
-  `splits` overrides the datasets of `config.data` (in-memory sources, notebooks).
+  `splits` overrides the datasets of `config.data` (in-memory sources, notebooks). The run holds the
+  workdir's lock (`workdir_lock`): a second run on the same workdir is refused.
   """
   config_lib.validate_training(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with workdir_lock.held(workdir):
+    return _train_and_evaluate(config, workdir, splits)
+
+
+def _train_and_evaluate(config, workdir: str, splits) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   local_batch = sharding.local_batch_size(config.batch_size, mesh, "batch_size")
   splits = splits or input_pipeline.build_splits(config, workdir)
@@ -214,11 +225,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                        process_count=jax.process_count(), local_batch_size=local_batch)
   data_iter = iter(loader)
   mngr = checkpoints.manager(str(epath.Path(workdir) / "checkpoints"), config.keep_checkpoints)
-  latest = mngr.latest_step()
-  if latest is not None:
-    params, train = checkpoints.restore_train(mngr, latest, setup.abstract_state.params,
-                                              setup.abstract_state.train_items(), data_iter, config.to_dict())
-    state = TrainState(params=params, **train)
+  resumed = checkpoints.resume(mngr, lambda saved: {"params": setup.abstract_state.params,
+                                                     "train": setup.abstract_state.train_items(),
+                                                     "data_iter": data_iter}, config.to_dict())
+  latest = None if resumed is None else resumed.step
+  if resumed is not None:
+    state = TrainState(params=resumed.items["params"], **resumed.items["train"])
     logging.info("Resumed from %s at step %d.", mngr.directory, latest)
   else:
     state = initial_state(setup, config)
@@ -235,12 +247,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending, t0, t0_step = [], time.perf_counter(), step
 
   def save(step):
-    checkpoints.save_train(mngr, step, state.params, state.train_items(), data_iter, config.to_dict())
+    with checkpoints.saving(mngr):
+      checkpoints.save_train(mngr, step, state.params, state.train_items(), data_iter, config.to_dict())
 
   def save_before_raising(error):
     """Keeps the steps trained since the last checkpoint, unless the loss went non-finite (whose last
-    checkpoint must stay the latest) or the error left the state unusable."""
-    if isinstance(error, NonFiniteLossError) or step in (start_step, mngr.latest_step()):
+    checkpoint must stay the latest), a write failed (the disk is full) or the error left the state unusable."""
+    if isinstance(error, (NonFiniteLossError, errors.WriteError)) or step in (start_step, mngr.latest_step()):
       return
     try:
       _check_finite(pending)
@@ -284,12 +297,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       save_before_raising(e)
       raise
     finally:
-      mngr.wait_until_finished()
+      with checkpoints.saving(mngr):
+        mngr.wait_until_finished()
     if stop.signum is not None:
       if step != mngr.latest_step():
         _check_finite(pending)
         save(step)
-        mngr.wait_until_finished()
+        with checkpoints.saving(mngr):
+          mngr.wait_until_finished()
       raise interrupts.Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name}: step {step} is "
                                    f"saved in {mngr.directory}; rerun the same command to resume")
   if results.get("step") != step:

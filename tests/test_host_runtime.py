@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-from hybridhash_jax import checkpoints
 from hybridhash_jax import encoding
 from hybridhash_jax import errors
 from hybridhash_jax import export
@@ -30,15 +29,19 @@ def test_for_host_sets_only_runtime_fields():
   assert models.for_host(dict(saved, attention="einsum"), "cpu")["attention"] == "einsum"
 
 
+def _saved_config(workdir):
+  with open(os.path.join(workdir, "checkpoints", "7", "config", "metadata")) as f:
+    return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def gpu_checkpoint(tmp_path_factory):
   """A tiny checkpoint whose saved config says cudnn, bfloat16 and remat, as a GPU run writes it."""
   workdir = str(tmp_path_factory.mktemp("gpu_run"))
   serve_fixtures.write_checkpoint(workdir)
-  path = os.path.join(workdir, "checkpoints", "7", "config", "metadata")
-  with open(path) as f:
-    config = json.load(f)
+  config = _saved_config(workdir)
   config["model"].update(GPU_RUN)
+  path = os.path.join(workdir, "checkpoints", "7", "config", "metadata")
   with open(path, "w") as f:
     json.dump(config, f)
   return workdir
@@ -47,7 +50,7 @@ def gpu_checkpoint(tmp_path_factory):
 def _reference_codes(workdir, images):
   """The same params through the float32 einsum model."""
   directory, mesh = os.path.join(workdir, "checkpoints"), encoding.local_mesh()
-  config, _ = checkpoints.read_config(directory)
+  config = _saved_config(workdir)
   config["model"].update(attention="einsum", dtype="float32", remat="none")
   r = encoding.restore(directory, mesh, config)
   return np.asarray(encoding.encode_fn(r.model, mesh, r.params_shardings)(r.params, images))
@@ -57,7 +60,7 @@ IMAGES = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint
 
 
 def test_cudnn_checkpoint_encodes_on_cpu(gpu_checkpoint):
-  saved, _ = checkpoints.read_config(os.path.join(gpu_checkpoint, "checkpoints"))
+  saved = _saved_config(gpu_checkpoint)
   with pytest.raises(errors.ConfigError, match="cudnn"):  # what every reader did with it before
     models.from_config(saved["model"])
   enc = encoding.Encoder.from_workdir(gpu_checkpoint)  # index, serve and export open it so

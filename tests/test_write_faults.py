@@ -1,0 +1,85 @@
+"""Failed writes (a full disk, an I/O error): one error line naming the file; what was written before stays."""
+
+import contextlib
+import errno
+import os
+import pathlib
+import subprocess
+import uuid
+
+from etils import epath
+import pytest
+
+from hybridhash_jax import errors
+from hybridhash_jax import files
+from hybridhash_jax import metric_writer
+
+
+@contextlib.contextmanager
+def _tmpfs(size: str):
+  """A small tmpfs (mounting needs root); the test is skipped where mounting is refused."""
+  root = pathlib.Path("/tmp") / f"hybridhash-tmpfs-{uuid.uuid4().hex[:8]}"
+  root.mkdir()
+  try:
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(root)], capture_output=True,
+                          text=True)
+  except FileNotFoundError:
+    proc = None
+  if proc is None or proc.returncode:
+    root.rmdir()
+    pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() if proc else 'no mount command'}")
+  try:
+    yield root
+  finally:
+    subprocess.run(["umount", "--lazy", str(root)], check=False)  # files a failed writer left open keep it busy
+    root.rmdir()
+
+
+def _fill(root: pathlib.Path, leave: int = 0) -> pathlib.Path:
+  """Fills the file system but `leave` bytes (about); returns the filler to delete to free the space."""
+  filler = root / "filler"
+  with open(filler, "wb", buffering=0) as f:
+    with contextlib.suppress(OSError):
+      while True:
+        f.write(b"\0" * 4096)
+  if leave:
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+  return filler
+
+
+@pytest.fixture
+def small_disk():
+  with _tmpfs("8m") as root:
+    yield root
+
+
+def test_a_full_disk_is_a_write_error_naming_the_file_and_the_old_file_stays(small_disk):
+  path = small_disk / "results.json"
+  files.write_json(path, {"map": 0.5})
+  _fill(small_disk)
+  with pytest.raises(errors.WriteError) as e:
+    files.write_json(path, {"map": 0.9, "pad": "x" * 100_000})
+  assert str(e.value) == f"cannot write {path}: No space left on device"
+  assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+  assert files.read_json(path) == {"map": 0.5}
+  assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "results.json"]  # no temporary left
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EACCES])
+def test_other_os_errors_name_the_file_too(tmp_path, monkeypatch, code):
+  def fail(self, data):
+    raise OSError(code, os.strerror(code))
+
+  monkeypatch.setattr(type(epath.Path(tmp_path)), "write_bytes", fail)
+  with pytest.raises(errors.WriteError, match=f"cannot write {tmp_path / 'x.png'}: {os.strerror(code)}$"):
+    files.write_bytes(tmp_path / "x.png", b"png")
+
+
+def test_a_metrics_line_on_a_full_disk(small_disk):
+  writer = metric_writer.MetricWriter(str(small_disk))
+  writer.write(1, {"loss": 1.0})
+  _fill(small_disk)
+  with pytest.raises(errors.WriteError, match=f"cannot write {small_disk}/(metrics.jsonl|tensorboard): "
+                                             "No space left on device$"):
+    for step in range(2, 10_000):  # until a buffer is flushed
+      writer.write(step, {"loss": 1.0, "pad": 0.0})
