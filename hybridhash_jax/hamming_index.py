@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from hybridhash_jax import checkpoints
 from hybridhash_jax import errors
+from hybridhash_jax import hamming_kernels
 from hybridhash_jax import metrics
 from hybridhash_jax.data import images as images_lib
 
@@ -198,6 +199,16 @@ class HammingIndex:
     packed = self._packed(codes)
     if len(self) == 0 or len(packed) == 0:
       return [[] for _ in packed]
+    if radius is not None and radius < 0:
+      raise ValueError(f"radius must be >= 0, got {radius}")
+    if k is not None and k < 1:
+      raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(self._index, faiss.IndexBinaryFlat):
+      if radius is not None:
+        lims, d, i = hamming_kernels.radius_search(packed, self._codes, radius)
+        return [self._sorted_hits(d[a:b], i[a:b]) for a, b in zip(lims[:-1], lims[1:])]
+      d, i = hamming_kernels.knn(packed, self._codes, k)
+      return [self._sorted_hits(dq, iq) for dq, iq in zip(d, i)]
     if radius is not None:
       if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
@@ -218,6 +229,10 @@ class HammingIndex:
           ok = i[q] >= 0
           found[q] = (np.concatenate([d[q][ok], rd]), np.concatenate([i[q][ok], ri]))
     return [self._hits(fd, fi, keep) for fd, fi in found]
+
+  def _sorted_hits(self, d: np.ndarray, i: np.ndarray) -> list[Hit]:
+    return [Hit(rank=r + 1, id=int(j), path=self._items["path"][j], distance=int(dj), label=self._items["label"][j])
+            for r, (dj, j) in enumerate(zip(d.tolist(), i.tolist()))]
 
   def _hits(self, d: np.ndarray, i: np.ndarray, keep: int | None) -> list[Hit]:
     i, first = np.unique(i, return_index=True)  # approximate kinds may find an item twice
