@@ -29,7 +29,7 @@ _BLOCK = 1 << 14  # items a group of queries scans in turn: 128 KiB of 64-bit co
 _MIN_PART = 1 << 12  # no database part smaller: a part costs a candidate buffer and a merge
 # One search at a time uses every core; a lock keeps concurrent callers (the server's thread pool)
 # from launching parallel kernels together, which numba's workqueue threading layer does not allow.
-_LOCK = threading.Lock()
+LOCK = threading.Lock()
 
 
 def words(codes: np.ndarray) -> np.ndarray:
@@ -206,7 +206,7 @@ def knn(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.
   limit = min(int(k), len(dbw))
   if limit < 1 or len(qw) == 0:
     return np.zeros((len(qw), max(limit, 0)), np.int32), np.zeros((len(qw), max(limit, 0)), np.int64)
-  with _LOCK:
+  with LOCK:
     return _knn(qw, dbw, limit, *_layout(len(qw), len(dbw)))
 
 
@@ -217,7 +217,7 @@ def radius_search(queries: np.ndarray, codes: np.ndarray, radius: int):
     return np.zeros(len(qw) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
   layout = _layout(len(qw), len(dbw))
   none_d, none_i = np.zeros(0, np.int32), np.zeros(0, np.int64)
-  with _LOCK:
+  with LOCK:
     counts = _radius_pass(qw, dbw, int(radius), *layout, none_i, none_d, none_i)
     starts = np.concatenate([[0], np.cumsum(counts.ravel())])
     out_d, out_i = np.empty(starts[-1], np.int32), np.empty(starts[-1], np.int64)
