@@ -7,7 +7,7 @@ upload is complete). Paths go through `etils.epath`, so a `gs://` workdir works 
 """
 
 import json
-from typing import Any
+from typing import Any, BinaryIO, Callable
 import uuid
 
 from etils import epath
@@ -36,3 +36,18 @@ def write_json(path: epath.PathLike, obj: Any, **dump_kwargs) -> None:
 
 def read_json(path: epath.PathLike) -> Any:
   return json.loads(epath.Path(path).read_text())
+
+
+def write_stream(path: epath.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+  """As `write_bytes`, for a writer that takes a binary file (np.save, pyarrow.parquet.write_table), so a large
+  file is streamed, not held in memory whole."""
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+  try:
+    with tmp.open("wb") as f:
+      write(f)
+    tmp.replace(path)
+  except BaseException:
+    if tmp.exists():
+      tmp.unlink()
+    raise

@@ -1,4 +1,4 @@
-"""The compiled flat kernels give metrics.top_indices' and a NumPy scan's stable order, ties included."""
+"""The compiled flat kernels give a NumPy scan's stable order, ties included, and are metrics.top_indices."""
 
 import numpy as np
 import pytest
@@ -33,13 +33,16 @@ def test_knn_is_the_stable_order(n, nbytes, nq):
     np.testing.assert_array_equal(dist, np.take_along_axis(d, want, 1))
 
 
-def test_knn_equals_metrics_top_indices():
+def test_metrics_top_indices_is_the_kernel_on_real_codes():
+  """Evaluation's top_indices packs real codes (uint32 words) and runs the kernel: the stable order of real codes."""
   rng = np.random.default_rng(1)
   real = rng.choice(np.float32([-1, 1]), (5000, 24))
   real[:, 5:] = 1  # 32 distinct codes
-  packed = np.packbits(real >= 0, axis=1, bitorder="little")
-  np.testing.assert_array_equal(hamming_kernels.knn(packed[:30], packed, 300)[1],
-                                metrics.top_indices(real[:30], real, 300))
+  d = (real[:30, None] != real[None]).sum(-1)
+  np.testing.assert_array_equal(metrics.top_indices(real[:30], real, 300), np.argsort(d, 1, kind="stable")[:, :300])
+  words = metrics.pack_codes(real)
+  np.testing.assert_array_equal(metrics.top_indices(words[:30], words, 300, num_bits=24),
+                                np.argsort(d, 1, kind="stable")[:, :300])
 
 
 def test_all_codes_equal_keeps_the_first_ids():
