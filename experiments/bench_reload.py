@@ -31,6 +31,7 @@ import numpy as np
 from experiments.bench_serve import _serve
 from hybridhash_jax import config_args
 from hybridhash_jax import hamming_index
+from hybridhash_jax import index_build
 from hybridhash_jax import live_index
 from tests import data_fixtures
 from tests import serve_fixtures
@@ -120,7 +121,7 @@ def main():
           else:
             shutil.rmtree(added)
           t = time.perf_counter()
-          info = hamming_index.build(served.encoder, served.root, served.out, progress=False)
+          info = index_build.build(served.encoder, served.root, served.out, progress=False)
           builds.append(time.perf_counter() - t)
           servers["sighup"][0].send_signal(signal.SIGHUP)
           committed = os.stat(os.path.join(served.out, hamming_index.INDEX_JSON)).st_mtime

@@ -8,9 +8,8 @@ A write that fails (a full disk, an I/O error, no permission) is an `errors.Writ
 """
 
 import contextlib
-import io
 import json
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 import uuid
 
 from etils import epath
@@ -32,23 +31,7 @@ def writing(path: epath.PathLike):
 
 
 def write_bytes(path: epath.PathLike, data: bytes) -> None:
-  path = epath.Path(path)
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"  # hidden, and unique per writer
-  try:
-    with writing(path):
-      tmp.write_bytes(data)
-      tmp.replace(path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      tmp.unlink(missing_ok=True)
-    raise
-
-
-def write_with(path: epath.PathLike, write: Callable[[io.BytesIO], Any]) -> None:
-  """`write(f)` into memory, then `write_bytes`: for writers that want a file object (np.save, parquet)."""
-  buf = io.BytesIO()
-  write(buf)
-  write_bytes(path, buf.getvalue())
+  write_stream(path, lambda f: f.write(data))
 
 
 def write_text(path: epath.PathLike, text: str) -> None:
@@ -62,3 +45,19 @@ def write_json(path: epath.PathLike, obj: Any, **dump_kwargs) -> None:
 
 def read_json(path: epath.PathLike) -> Any:
   return json.loads(epath.Path(path).read_text())
+
+
+def write_stream(path: epath.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+  """`write(f)` into a hidden file beside `path`, renamed over it once whole; for a writer that takes a binary
+  file (np.save, pyarrow.parquet.write_table), a large file is streamed, not held in memory."""
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"  # hidden, and unique per writer
+  try:
+    with writing(path):
+      with tmp.open("wb") as f:
+        write(f)
+      tmp.replace(path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+    raise

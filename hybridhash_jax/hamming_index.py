@@ -1,47 +1,39 @@
-"""A Hamming index of a folder of images: faiss binary indexes, an item table, `index.json`.
+"""A Hamming index: packed codes searched exactly in the stable order, an item table, `index.json`.
 
 Layout of an index directory OUT:
-  index.json            what the index is: model fields and bits, checkpoint (or exported encoder) and
-                        step, image transform, counts, bit order, kind, skipped files, and the names
-                        of the three files below (the commit point of a build);
-  index-<v>.faiss       the faiss binary index (`faiss.write_index_binary`): flat, multihash or ivf;
-  items-<v>.parquet     the item table: id, path (relative to the images root), size, mtime_ns, label
-                        (the class-folder name: the first folder of the path, when there is one);
-  codes-<v>.npy         the packed codes, uint8 (n, bits / 8), row = id.
-  .staging/             while a build runs: encoded chunks, kept until the build commits.
+  index.json             what the index is: bits, kind and its parameters, counts, bit order, the
+                         names of its files (the commit point of a build); for an index of images,
+                         model fields, checkpoint (or exported encoder) and step, image transform,
+                         images root and skipped files;
+  codes-<v>.npy          the packed codes, uint8 (n, bits / 8), row = id (memory-mapped when opened);
+  items-<v>.parquet      the item table, when there is one: id, path, label (and, for images, size
+                         and mtime_ns; the label is the class-folder name, the first folder of the path);
+  mih-ids-<v>.npy,       multihash: the substring tables of `multi_index` (memory-mapped);
+  mih-offsets-<v>.npy
+  index-<v>.faiss        ivf: the faiss binary index.
+
+Search: flat indexes with `hamming_kernels`, multihash with `multi_index` (both exact, in the stable
+order: distance, then id), ivf with faiss (approximate; ties at the k-th distance put in the stable
+order). Building is `index_build`, export to other engines `index_io`.
 
 Bit order (the one of `metrics.pack_codes`): bit b of a code is set when code[b] >= 0, and byte j
 holds bits 8j..8j+7, least significant first (`np.packbits(code >= 0, bitorder="little")`). faiss
 binary indexes take exactly these bytes; their Hamming distance is the popcount of the XOR.
 
-Builds are incremental (a file whose size and mtime are unchanged keeps its code), atomic (new
-files get a new version <v>, and `index.json` is replaced with `os.replace` only once they are
-complete, so a killed build leaves the previous index intact) and resumable (every chunk of
-encoded images is written to `.staging/` at once; a rerun reuses them). Under `jax.distributed`
-each process encodes every process_count-th chunk into the shared staging folder and process 0
-merges them (OUT must be on a filesystem all processes see).
-
-Ids are the rows of the item table, sorted by path; a rebuild that adds or drops files renumbers them.
+Index directories are local: codes and tables are memory-mapped, which needs a local file system.
 """
 
-import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import os
-import secrets
-import shutil
-import time
 
-from absl import logging
 import numpy as np
-from tqdm import tqdm
 
 from hybridhash_jax import checkpoints
 from hybridhash_jax import errors
-from hybridhash_jax import files as files_lib
+from hybridhash_jax import hamming_kernels
 from hybridhash_jax import metrics
-from hybridhash_jax.data import images as images_lib
+from hybridhash_jax import multi_index
 
 # The `search` extra: the training and evaluation path never imports this module.
 faiss = errors.import_extra("faiss", "search")
@@ -49,12 +41,10 @@ pa = errors.import_extra("pyarrow", "search")
 pq = errors.import_extra("pyarrow.parquet", "search")
 
 INDEX_JSON = "index.json"
-STAGING = ".staging"
 KINDS = ("flat", "multihash", "ivf")
 BIT_ORDER = ("bit b of the code is set when code[b] >= 0; byte j holds bits 8j..8j+7, least significant "
              "first (numpy.packbits(code >= 0, bitorder='little'), as metrics.pack_codes)")
-FORMAT = 1
-_DECODE_THREADS = 4
+FORMAT = 2
 # The fields an encoder must share with an index to search it (or to add codes to it).
 ENCODER_FIELDS = ("bits",) + checkpoints.MODEL_FIELDS + ("transform.img_size", "transform.crop")
 
@@ -63,7 +53,7 @@ ENCODER_FIELDS = ("bits",) + checkpoints.MODEL_FIELDS + ("transform.img_size", "
 class Hit:
   rank: int
   id: int
-  path: str
+  path: str | None
   distance: int
   label: str | None
 
@@ -72,11 +62,12 @@ def pack(codes: np.ndarray) -> np.ndarray:
   """Real codes (n, bits) -> uint8 (n, bits / 8) in the documented bit order."""
   codes = np.asarray(codes)
   if codes.shape[1] % 8:
-    raise ValueError(f"faiss binary indexes need a multiple of 8 bits, got {codes.shape[1]}")
+    raise ValueError(f"packed codes need a multiple of 8 bits, got {codes.shape[1]}")
   return metrics.pack_codes(codes).astype("<u4").view(np.uint8)[:, :codes.shape[1] // 8]
 
 
-def _field(tree: dict, dotted: str):
+def field(tree: dict, dotted: str):
+  """tree["a"]["b"] for "a.b", None where a key is missing."""
   for key in dotted.split("."):
     if not isinstance(tree, dict) or key not in tree:
       return None
@@ -84,12 +75,7 @@ def _field(tree: dict, dotted: str):
   return tree
 
 
-def _identity(info: dict) -> dict:
-  """What decides the codes: an index built by another identity is re-encoded whole."""
-  return {k: info.get(k) for k in ("model", "bits", "checkpoint", "step", "encoder", "transform")}
-
-
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
   if not os.path.isfile(path):
     raise errors.NotFoundError(f"{path}: no index there (build one with python -m hybridhash_jax.index build)")
   try:
@@ -99,65 +85,132 @@ def _read_json(path: str) -> dict:
     raise errors.DataError(f"{path}: corrupt index file ({e})") from e
 
 
-class HammingIndex:
-  """An opened index: faiss search fixed up to the project's stable order, and the item table."""
+def _load_npy(path: str, what: str) -> np.ndarray:
+  try:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise errors.DataError(f"{path}: corrupt {what} file ({e})") from e
 
-  def __init__(self, directory: str, info: dict, index, items: dict, codes: np.ndarray):
-    self.directory, self.info, self._index, self._items, self._codes = directory, info, index, items, codes
-    self.bits = int(info["bits"])
+
+class HammingIndex:
+  """An opened index: exact search in the stable order over its codes, and the item table."""
+
+  def __init__(self, directory: str, info: dict, codes: np.ndarray, items=None, searcher=None):
+    """`items`: a pyarrow table (or a dict of columns) with path and label, or None; `searcher`: the kind's
+    `multi_index.MultiIndex` or faiss index (None for flat)."""
+    self.directory, self.info, self.bits = directory, info, int(info["bits"])
+    self.kind = info.get("kind", "flat")
+    self._codes, self._searcher = codes, searcher
+    self._items = pa.table(items) if isinstance(items, dict) else items
+
+  @classmethod
+  def in_memory(cls, codes: np.ndarray, bits: int, kind: str = "flat", items=None, **params) -> "HammingIndex":
+    """An index over packed codes without a directory (tests, benchmarks); params as `index_build.searcher`."""
+    from hybridhash_jax import index_build  # index_build opens indexes: imported on use
+    searcher, params = index_build.searcher(kind, bits, codes, **params)
+    return cls("(memory)", {"bits": bits, "kind": kind, "params": params}, codes, items, searcher)
 
   def __len__(self) -> int:
     return len(self._codes)
 
+  @property
+  def codes(self) -> np.ndarray:
+    """The packed codes, uint8 (n, bits / 8), row = id (memory-mapped for an opened index: do not write)."""
+    return self._codes
+
+  @property
+  def items(self):
+    """The item table (a pyarrow Table: id, path, label, ...), or None for an index of codes alone."""
+    return self._table()
+
+  @property
+  def searcher(self):
+    """The kind's search structure: a `multi_index.MultiIndex`, a faiss index (ivf), or None (flat)."""
+    return self._searcher
+
   @classmethod
   def open(cls, directory: str) -> "HammingIndex":
-    """Reads OUT/index.json and the files it names; a missing or corrupt one is an error naming it."""
-    info = _read_json(os.path.join(directory, INDEX_JSON))
+    """Reads OUT/index.json and maps the files it names; a missing or corrupt one is an error naming it.
+
+    Nothing is read whole: codes and tables are memory-mapped, the item table is read on first use."""
+    meta = os.path.join(directory, INDEX_JSON)
+    info = read_json(meta)
     try:
-      files, bits, count = info["files"], int(info["bits"]), int(info["count"])
+      files, bits, count, kind = info["files"], int(info["bits"]), int(info["count"]), info.get("kind", "flat")
     except (KeyError, TypeError, ValueError) as e:
-      raise errors.DataError(f"{os.path.join(directory, INDEX_JSON)}: corrupt index file (missing {e})") from e
+      raise errors.DataError(f"{meta}: corrupt index file (missing {e})") from e
     paths = {k: os.path.join(directory, v) for k, v in files.items()}
     for path in paths.values():
       if not os.path.isfile(path):
-        raise errors.NotFoundError(f"{path}: index file not found (named in {os.path.join(directory, INDEX_JSON)})")
-    try:
-      index = faiss.read_index_binary(paths["faiss"])
-    except RuntimeError as e:
-      raise errors.DataError(f"{paths['faiss']}: corrupt faiss index ({str(e).splitlines()[-1]})") from e
-    try:
-      table = pq.read_table(paths["items"]).to_pydict()
-    except (pa.ArrowException, OSError) as e:
-      raise errors.DataError(f"{paths['items']}: corrupt item table ({e})") from e
-    try:
-      codes = np.load(paths["codes"], allow_pickle=False)
-    except (ValueError, OSError) as e:
-      raise errors.DataError(f"{paths['codes']}: corrupt codes file ({e})") from e
-    for name, n in (("faiss", index.ntotal), ("items", len(table.get("id", []))), ("codes", len(codes))):
+        raise errors.NotFoundError(f"{path}: index file not found (named in {meta})")
+    codes = _load_npy(paths["codes"], "codes")
+    sizes = {"codes": len(codes)}
+    items = None
+    if "items" in paths:
+      try:
+        items = pq.ParquetFile(paths["items"])
+        sizes["items"] = items.metadata.num_rows
+      except (pa.ArrowException, OSError) as e:
+        raise errors.DataError(f"{paths['items']}: corrupt item table ({e})") from e
+    if codes.shape[1:] != (bits // 8,) or codes.dtype != np.uint8:
+      raise errors.DataError(f"{paths['codes']}: does not hold {bits}-bit packed codes (uint8 (n, {bits // 8}))")
+    searcher = None
+    if kind == "ivf":
+      try:
+        searcher = faiss.read_index_binary(paths["faiss"])
+      except RuntimeError as e:
+        raise errors.DataError(f"{paths['faiss']}: corrupt faiss index ({str(e).splitlines()[-1]})") from e
+      sizes["faiss"] = searcher.ntotal
+    elif kind == "multihash" and "mih_ids" in paths:
+      ids, offsets = _load_npy(paths["mih_ids"], "table"), _load_npy(paths["mih_offsets"], "table")
+      subs = np.asarray(info["params"]["substrings"], np.int64)
+      if ids.shape != (len(subs), count) or offsets.shape[0] != len(subs):
+        raise errors.DataError(f"{paths['mih_ids']}: tables of another index ({ids.shape}, {len(subs)} substrings)")
+      searcher = multi_index.MultiIndex(codes, bits, subs, offsets, ids)
+    elif kind == "multihash":  # format 1 (a faiss file): the tables are built in memory
+      searcher = multi_index.MultiIndex.build(codes, bits)
+    for name, n in sizes.items():
       if n != count:
         raise errors.DataError(f"{paths[name]}: holds {n} items but {INDEX_JSON} says {count}")
-    if index.d != bits or codes.shape[1:] != (bits // 8,) or codes.dtype != np.uint8:
-      raise errors.DataError(f"{directory}: the index files do not hold {bits}-bit codes")
-    return cls(directory, info, index, table, codes)
+    return cls(directory, info, codes, items, searcher)
+
+  def _table(self):
+    if isinstance(self._items, pq.ParquetFile):  # read on first use: opening stays cheap at any size
+      self._items = self._items.read()
+    return self._items
+
+  def _item_fields(self, i: int) -> tuple[str | None, str | None]:
+    table = self._table()
+    if table is None:
+      return None, None
+    return table.column("path")[i].as_py(), table.column("label")[i].as_py()
 
   def item(self, id: int) -> dict:
-    """{"id", "path" (relative), "size", "mtime" (seconds), "label"}; KeyError for an unknown id."""
+    """{"id", "path", "label"} (and for images, "size", "mtime" in seconds); KeyError for an unknown id."""
     if not 0 <= int(id) < len(self):
       raise errors.NoSuchItemError(f"no item {id} in the index {self.directory} ({len(self)} items)")
     i = int(id)
-    return {"id": i, "path": self._items["path"][i], "size": self._items["size"][i],
-            "mtime": self._items["mtime_ns"][i] / 1e9, "label": self._items["label"][i]}
+    path, label = self._item_fields(i)
+    out = {"id": i, "path": path, "label": label}
+    table = self._table()
+    if table is not None and "size" in table.column_names:
+      out.update(size=table.column("size")[i].as_py(), mtime=table.column("mtime_ns")[i].as_py() / 1e9)
+    return out
 
   def item_path(self, id: int) -> str:
     """The absolute path of an indexed file."""
-    return os.path.join(self.info["images"], self.item(id)["path"])
+    item = self.item(id)
+    if "images" not in self.info or item["path"] is None:
+      raise errors.NoSuchItemError(f"the index {self.directory} holds codes, not images: item {id} has no file")
+    return os.path.join(self.info["images"], item["path"])
 
   def codes_of(self, ids) -> np.ndarray:
     """The stored packed codes (uint8 (n, bits / 8)) of some items."""
     ids = np.asarray(ids, np.int64).reshape(-1)
-    for i in ids:
-      self.item(i)
-    return self._codes[ids]
+    bad = ids[(ids < 0) | (ids >= len(self))]
+    if len(bad):
+      self.item(bad[0])
+    return np.asarray(self._codes[ids])
 
   def _packed(self, codes) -> np.ndarray:
     codes = np.asarray(codes)
@@ -169,303 +222,70 @@ class HammingIndex:
       raise ValueError(f"query codes have {codes.shape[1]} bits, the index {self.bits}")
     return pack(codes)
 
-  def _range(self, packed: np.ndarray, radius: int):
-    """faiss range search (distance < radius), exact for multihash by flipping enough bits per table."""
-    if isinstance(self._index, faiss.IndexBinaryMultiHash):
-      self._index.nflip = max(0, -(-radius // self._index.nhash) - 1)
-    lims, d, i = self._index.range_search(packed, int(radius))
-    return [(d[a:b].astype(np.int64), i[a:b]) for a, b in zip(lims[:-1], lims[1:])]
-
   def search(self, codes, k: int | None = None, radius: int | None = None) -> list[list[Hit]]:
     """Each query's hits in the stable order (distance, then id): its k first, or all within `radius`.
 
-    faiss's k-NN heap returns some of the items tied at the k-th distance, in no set order; the k-th
-    distance found bounds a range search that returns them all, and the stable order picks among
-    them, so a flat index gives exactly `metrics.top_indices`. A multihash range search flips enough
-    bits per table to be exact, so its k-NN is exact too once its tables yield k candidates; ivf is
-    approximate (`nprobe` lists).
+    Flat and multihash are exact (equal to `metrics.top_indices`, ties included). ivf is approximate
+    (`nprobe` lists): faiss's k-NN returns some of the items tied at the k-th distance in no set order,
+    so the k-th distance found bounds a range search that returns them all and the stable order picks.
     """
     if (k is None) == (radius is None):
       raise ValueError("give exactly one of k and radius")
+    if radius is not None and radius < 0:
+      raise ValueError(f"radius must be >= 0, got {radius}")
+    if k is not None and k < 1:
+      raise ValueError(f"k must be >= 1, got {k}")
     packed = self._packed(codes)
     if len(self) == 0 or len(packed) == 0:
       return [[] for _ in packed]
-    if radius is not None:
-      if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-      found = self._range(packed, radius + 1)
-      keep = None
+    if self.kind == "ivf":
+      return [self._hits(d, i) for d, i in _faiss_search(self._searcher, packed, k, radius)]
+    if self.kind == "multihash":
+      knn, ranged = self._searcher.knn, self._searcher.radius_search
     else:
-      if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-      keep = min(int(k), len(self))
-      if isinstance(self._index, faiss.IndexBinaryMultiHash):
-        self._index.nflip = 0
-      d, i = self._index.search(packed, keep)
-      kth = np.where(i >= 0, d, -1).max(axis=1)
-      found = [None] * len(packed)
-      for t in np.unique(kth):  # one range search per k-th distance: everything tied with the k-th item
-        rows = np.flatnonzero(kth == t)
-        for q, (rd, ri) in zip(rows, self._range(packed[rows], int(t) + 1)):
-          ok = i[q] >= 0
-          found[q] = (np.concatenate([d[q][ok], rd]), np.concatenate([i[q][ok], ri]))
-    return [self._hits(fd, fi, keep) for fd, fi in found]
+      knn = lambda q, k: hamming_kernels.knn(q, self._codes, k)
+      ranged = lambda q, r: hamming_kernels.radius_search(q, self._codes, r)
+    if radius is not None:
+      lims, d, i = ranged(packed, radius)
+      return [self._hits(d[a:b], i[a:b]) for a, b in zip(lims[:-1], lims[1:])]
+    return [self._hits(dq, iq) for dq, iq in zip(*knn(packed, k))]
 
-  def _hits(self, d: np.ndarray, i: np.ndarray, keep: int | None) -> list[Hit]:
-    i, first = np.unique(i, return_index=True)  # approximate kinds may find an item twice
-    d = d[first]
-    order = np.lexsort((i, d))[:keep]
-    return [Hit(rank=r + 1, id=int(i[j]), path=self._items["path"][i[j]], distance=int(d[j]),
-                label=self._items["label"][i[j]]) for r, j in enumerate(order)]
+  def _hits(self, d: np.ndarray, i: np.ndarray) -> list[Hit]:
+    fields = [self._item_fields(j) for j in i.tolist()]
+    return [Hit(rank=r + 1, id=j, path=p, distance=dj, label=lab)
+            for r, (dj, j, (p, lab)) in enumerate(zip(d.tolist(), i.tolist(), fields))]
 
   def check_encoder(self, encoder) -> None:
     """Refuses an encoder of another model than the index's, naming each differing field."""
-    diffs = [f"{f}: index has {_field(self.info, f)!r}, encoder has {_field(encoder.info, f)!r}"
-             for f in ENCODER_FIELDS if _field(self.info, f) != _field(encoder.info, f)]
+    diffs = [f"{f}: index has {field(self.info, f)!r}, encoder has {field(encoder.info, f)!r}"
+             for f in ENCODER_FIELDS if field(self.info, f) != field(encoder.info, f)]
     if diffs:
-      raise errors.ConfigError(f"the encoder ({encoder.info.get('encoder') or encoder.info.get('checkpoint')}) is not "
-                               f"the model of the index {self.directory}:\n  " + "\n  ".join(diffs))
+      which = encoder.info.get("encoder") or encoder.info.get("checkpoint")
+      raise errors.ConfigError(f"the encoder ({which}) is not the "
+                               f"model of the index {self.directory}:\n  " + "\n  ".join(diffs))
 
 
-# ---------------------------------------------------------------------------------------------------- building
+def _faiss_search(index, packed: np.ndarray, k: int | None, radius: int | None):
+  """Per query (distances, ids) in the stable order, deduplicated, from a faiss index's k-NN or range search."""
+  def ranged(rows, below):
+    lims, d, i = index.range_search(rows, int(below))
+    return [(d[a:b].astype(np.int64), i[a:b]) for a, b in zip(lims[:-1], lims[1:])]
 
-
-def scan(images: str) -> tuple[str, list[str], list[tuple[str, str]]]:
-  """(root, image paths relative to root, [(path, reason)] of listed files that are missing).
-
-  `images` is a folder (searched recursively; hidden entries skipped, image extensions only) or a
-  list file of paths, one a line, relative to its own folder or absolute.
-  """
-  if os.path.isdir(images):
-    root, found = os.path.abspath(images), []
-    for dirpath, dirnames, filenames in os.walk(root):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      found += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames
-                if not f.startswith(".") and f.lower().endswith(images_lib.EXTENSIONS)]
-    return root, sorted(found), []
-  if not os.path.isfile(images):
-    raise errors.NotFoundError(f"--images={images}: neither a folder nor a list file")
-  root = os.path.dirname(os.path.abspath(images))
-  with open(images, encoding="utf-8") as f:
-    listed = [os.path.relpath(os.path.join(root, line.strip()), root) for line in f if line.strip()]
-  present = [p for p in listed if os.path.isfile(os.path.join(root, p))]
-  return root, sorted(set(present)), [(os.path.join(root, p), "file not found") for p in listed if p not in present]
-
-
-def _label(rel: str) -> str | None:
-  parts = rel.split(os.sep)
-  return parts[0] if len(parts) > 1 else None
-
-
-def _load_image(encoder, path: str):
-  try:
-    return encoder.preprocess(images_lib.decode(path)), None
-  except images_lib.BadImageError as e:
-    return None, str(e)
-
-
-class _Staging:
-  """`.staging/`: encoded chunks of one encoder's build, each written at once (atomically)."""
-
-  def __init__(self, out: str, identity: dict, process_index: int):
-    self.dir = os.path.join(out, STAGING)
-    manifest = os.path.join(self.dir, "manifest.json")
-    if process_index == 0:
-      if os.path.isdir(self.dir):
-        try:
-          with open(manifest, encoding="utf-8") as f:
-            same = json.load(f) == identity
-        except (OSError, ValueError):
-          same = False
-        if not same:
-          logging.info("discarding %s: staged by another encoder", self.dir)
-          shutil.rmtree(self.dir)
-      os.makedirs(self.dir, exist_ok=True)
-      files_lib.write_with(manifest, lambda f: f.write(json.dumps(identity).encode("utf-8")))
-
-  def chunks(self) -> dict:
-    """path -> (size, mtime_ns, packed code or None, skip reason or None), over every staged chunk."""
-    out = {}
-    for name in sorted(os.listdir(self.dir)):
-      if not name.endswith(".npz"):
-        continue
-      with np.load(os.path.join(self.dir, name), allow_pickle=False) as z:
-        reasons = json.loads(z["reasons"].tobytes().decode("utf-8"))
-        for j, path in enumerate(z["paths"].tolist()):
-          ok = reasons[j] is None
-          out[path] = (int(z["size"][j]), int(z["mtime_ns"][j]), z["codes"][j] if ok else None, reasons[j])
-    return out
-
-  def write(self, paths, stats, codes, reasons) -> str:
-    name = hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest()[:20] + ".npz"
-    path = os.path.join(self.dir, name)
-    files_lib.write_with(path, lambda f: np.savez(
-        f, paths=np.asarray(paths, dtype=str), size=np.asarray([s[0] for s in stats], np.int64),
-        mtime_ns=np.asarray([s[1] for s in stats], np.int64), codes=codes,
-        reasons=np.frombuffer(json.dumps(reasons).encode("utf-8"), np.uint8)))
-    return path
-
-
-def make_faiss(kind: str, bits: int, codes: np.ndarray, nhash: int | None, nlist: int | None):
-  if kind == "flat":
-    index, params = faiss.IndexBinaryFlat(bits), {}
-  elif kind == "multihash":
-    nhash = nhash or max(1, bits // 16)  # tables of 16-bit substrings
-    if bits % nhash:
-      raise errors.ConfigError(f"--nhash={nhash} must divide the {bits} bits")
-    index, params = faiss.IndexBinaryMultiHash(bits, nhash, bits // nhash), {"nhash": nhash, "b": bits // nhash}
-  elif kind == "ivf":
-    nlist = max(1, min(nlist or int(4 * np.sqrt(max(len(codes), 1))), len(codes)))
-    quantizer = faiss.IndexBinaryFlat(bits)
-    index = faiss.IndexBinaryIVF(quantizer, bits, nlist)
-    index.train(codes)
-    index.nprobe = min(nlist, 16)
-    params = {"nlist": nlist, "nprobe": index.nprobe}
+  if radius is not None:
+    found, keep = ranged(packed, radius + 1), None
   else:
-    raise errors.ConfigError(f"--kind={kind!r} is not one of {KINDS}")
-  if len(codes):
-    index.add(codes)
-  return index, params
-
-
-def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int = 1024, nhash: int | None = None,
-          nlist: int | None = None, process_index: int = 0, process_count: int = 1, barrier=None,
-          progress: bool = True) -> dict:
-  """Encodes the new and changed images under `images` into the index OUT (created or updated); returns index.json.
-
-  `barrier(name)` synchronises the processes of a multi-process build (each encodes its share of
-  the chunks; process 0 then writes the index).
-  """
-  if kind not in KINDS:
-    raise errors.ConfigError(f"--kind={kind!r} is not one of {KINDS}")
-  if encoder.bits % 8:
-    raise errors.ConfigError(f"faiss binary indexes need a multiple of 8 bits; the encoder has {encoder.bits}")
-  t0 = time.perf_counter()
-  root, rels, missing = scan(images)
-  os.makedirs(out, exist_ok=True)
-  info = {"bits": encoder.bits, **{k: encoder.info.get(k) for k in ("model", "checkpoint", "step", "encoder",
-                                                                     "transform")}}
-  identity = _identity(info)
-  previous = {}
-  if os.path.exists(os.path.join(out, INDEX_JSON)):
-    old = HammingIndex.open(out)
-    if _identity(old.info) == identity and old.info.get("images") == root:
-      previous = {p: (s, m, old._codes[i]) for i, (p, s, m) in enumerate(
-          zip(old._items["path"], old._items["size"], old._items["mtime_ns"]))}
-    else:
-      logging.info("%s was built by another encoder or from other images: re-encoding everything", out)
-  staging = _Staging(out, {**identity, "images": root}, process_index)
-  if barrier:
-    barrier("index-staging")
-  stats = {}
-  for rel in rels:
-    st = os.stat(os.path.join(root, rel))
-    stats[rel] = (st.st_size, st.st_mtime_ns)
-  staged = staging.chunks()
-  if barrier:
-    barrier("index-scanned")  # every process has read the same staged chunks before any adds one
-  fresh = [r for r in rels if not (r in previous and previous[r][:2] == stats[r])]
-  todo = [r for r in fresh if not (r in staged and staged[r][:2] == stats[r])]
-  resumed = len(fresh) - len(todo)  # encoded by an earlier, interrupted build
-  chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)][process_index::process_count]
-  n_mine = sum(map(len, chunks))
-  logging.info("%d images under %s: %d to encode (%d by this process)", len(rels), root, len(todo), n_mine)
-  bar = tqdm(total=n_mine, unit="img", desc=f"encoding (process {process_index})", disable=not progress)
-  with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
-    for chunk in chunks:
-      loaded = list(pool.map(lambda r: _load_image(encoder, os.path.join(root, r)), chunk))
-      good = [j for j, (img, _) in enumerate(loaded) if img is not None]
-      codes = np.zeros((len(chunk), encoder.bits // 8), np.uint8)
-      if good:
-        codes[good] = pack(encoder.encode(np.stack([loaded[j][0] for j in good])))
-      staging.write(chunk, [stats[r] for r in chunk], codes, [reason for _, reason in loaded])
-      bar.update(len(chunk))
-  bar.close()
-  if barrier:
-    barrier("index-encoded")
-  result = None
-  if process_index == 0:
-    result = _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist, missing,
-                     {"encoded": len(todo), "resumed": resumed, "seconds": round(time.perf_counter() - t0, 3)})
-  if barrier:
-    barrier("index-written")
-  return result if result is not None else _read_json(os.path.join(out, INDEX_JSON))
-
-
-def _commit(out, root, rels, stats, previous, staging, info, kind, nhash, nlist, missing, build_stats) -> dict:
-  """Writes the new version's files, then replaces index.json (the commit), then removes what it replaced."""
-  staged = staging.chunks()
-  paths, codes, skipped = [], [], [list(m) for m in missing]
-  for rel in rels:
-    if rel in staged and staged[rel][:2] == stats[rel]:
-      code, reason = staged[rel][2], staged[rel][3]
-    elif rel in previous and previous[rel][:2] == stats[rel]:
-      code, reason = previous[rel][2], None
-    else:
-      raise RuntimeError(f"{rel} was neither staged nor indexed; was the build's staging folder removed?")
-    if reason is not None:
-      skipped.append([os.path.join(root, rel), reason])
-    else:
-      paths.append(rel)
-      codes.append(code)
-  codes = np.stack(codes) if codes else np.zeros((0, info["bits"] // 8), np.uint8)
-  index, params = make_faiss(kind, info["bits"], codes, nhash, nlist)
-  version = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
-  files = {"faiss": f"index-{version}.faiss", "items": f"items-{version}.parquet", "codes": f"codes-{version}.npy"}
-  files_lib.write_bytes(os.path.join(out, files["faiss"]), faiss.serialize_index_binary(index).tobytes())
-  table = pa.table({"id": np.arange(len(paths), dtype=np.int64), "path": paths,
-                    "size": np.asarray([stats[p][0] for p in paths], np.int64),
-                    "mtime_ns": np.asarray([stats[p][1] for p in paths], np.int64),
-                    "label": [_label(p) for p in paths]})
-  files_lib.write_with(os.path.join(out, files["items"]), lambda f: pq.write_table(table, f))
-  files_lib.write_with(os.path.join(out, files["codes"]), lambda f: np.save(f, codes))
-  labels = sorted({_label(p) for p in paths} - {None})
-  new = {"format": FORMAT, "kind": kind, "params": params, **info, "bit_order": BIT_ORDER, "images": root,
-         "count": len(paths), "num_labels": len(labels), "skipped": skipped, "files": files,
-         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build": build_stats}
-  files_lib.write_with(os.path.join(out, INDEX_JSON), lambda f: f.write(json.dumps(new, indent=2).encode("utf-8")))
-  keep = set(files.values()) | {INDEX_JSON}
-  for name in os.listdir(out):
-    if name not in keep and (name.startswith(("index-", "items-", "codes-")) or ".tmp" in name):
-      os.remove(os.path.join(out, name))
-  shutil.rmtree(staging.dir)
-  for path, reason in skipped:
-    logging.warning("skipped %s: %s", path, reason)
-  return new
-
-
-# ---------------------------------------------------------------------------------------------------- interchange
-
-
-def export(index: HammingIndex, output: str, fmt: str) -> list[str]:
-  """Writes ids, paths, labels and packed codes (bytes, the documented bit order) for other engines.
-
-  parquet: one file, columns id (int64), path (string), label (string), code (fixed-size binary of
-  bits / 8 bytes). npy: a folder of ids.npy (int64), codes.npy (uint8 (n, bits / 8)), paths.npy and
-  labels.npy (unicode; "" for no label). Both sit beside a copy of index.json (`bit_order` says the layout).
-  """
-  n = len(index)
-  ids = np.arange(n, dtype=np.int64)
-  paths = [index.item(i)["path"] for i in range(n)]
-  labels = [index.item(i)["label"] for i in range(n)]
-  codes = index.codes_of(ids)
-  if fmt == "parquet":
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    code_type = pa.binary(index.bits // 8)
-    table = pa.table({"id": ids, "path": paths, "label": labels,
-                      "code": pa.array([c.tobytes() for c in codes], type=code_type)},
-                     metadata={"hybridhash": json.dumps({"bits": index.bits, "bit_order": BIT_ORDER})})
-    files_lib.write_with(output, lambda f: pq.write_table(table, f))
-    written = [output]
-  elif fmt == "npy":
-    os.makedirs(output, exist_ok=True)
-    written = []
-    for name, arr in (("ids", ids), ("codes", codes), ("paths", np.asarray(paths, dtype=str)),
-                      ("labels", np.asarray([l or "" for l in labels], dtype=str))):
-      written.append(os.path.join(output, f"{name}.npy"))
-      files_lib.write_with(written[-1], lambda f, arr=arr: np.save(f, arr))
-  else:
-    raise errors.ConfigError(f"--format={fmt!r} is not one of ('parquet', 'npy')")
-  meta = output + ".index.json" if fmt == "parquet" else os.path.join(output, INDEX_JSON)
-  files_lib.write_json(meta, index.info, indent=2)
-  return written + [meta]
+    keep = min(int(k), index.ntotal)
+    d, i = index.search(packed, keep)
+    kth = np.where(i >= 0, d, -1).max(axis=1)
+    found = [None] * len(packed)
+    for t in np.unique(kth):  # one range search per k-th distance: everything tied with the k-th item
+      rows = np.flatnonzero(kth == t)
+      for q, (rd, ri) in zip(rows, ranged(packed[rows], int(t) + 1)):
+        ok = i[q] >= 0
+        found[q] = (np.concatenate([d[q][ok], rd]), np.concatenate([i[q][ok], ri]))
+  out = []
+  for d, i in found:
+    i, first = np.unique(i, return_index=True)  # the k-NN and the range search find an item twice
+    order = np.lexsort((i, d[first]))[:keep]
+    out.append((d[first][order], i[order]))
+  return out

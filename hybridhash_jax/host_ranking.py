@@ -26,7 +26,8 @@ _RECORD_BYTES = 1 << 26  # most bytes of relevant-item records per walk: 12 per 
 
 
 @extending.intrinsic
-def _popcount(typingctx, x):
+def popcount(typingctx, x):
+  """The population count of an integer, one instruction (LLVM's ctpop); the Hamming kernels use it too."""
   def codegen(context, builder, sig, args):
     return builder.ctpop(args[0])
   return x(x), codegen
@@ -39,11 +40,11 @@ def _tile(q_words, q_labels, db_words, db_labels, start, stop, dist, rel):
   Loops over 1-D slices, the first word assigning: they vectorise (2-D indexing ran 3x slower)."""
   words = db_words[0, start:stop]
   for t in range(stop - start):
-    dist[t] = _popcount(words[t] ^ q_words[0])
+    dist[t] = popcount(words[t] ^ q_words[0])
   for w in range(1, db_words.shape[0]):
     words = db_words[w, start:stop]
     for t in range(stop - start):
-      dist[t] += _popcount(words[t] ^ q_words[w])
+      dist[t] += popcount(words[t] ^ q_words[w])
   labels = db_labels[0, start:stop]
   for t in range(stop - start):
     rel[t] = labels[t] & q_labels[0]

@@ -1,6 +1,7 @@
 """Search your images: `python -m hybridhash_jax.index build | search | export`.
 
   build   --workdir=W [--step=N] | --encoder=PATH, --images=DIR|LIST --index=OUT [--kind=flat|multihash|ivf]
+  build   --codes=CODES.npy [--items=ITEMS.parquet] --index=OUT [--kind=flat|multihash|ivf]
   search  --index=OUT --query IMG [IMG ...] | --id N [N ...]  [--k=10 | --radius=R] [--format=table|json]
           [--grid=PNG] [--workdir=W | --encoder=PATH: default, the index's own]
   export  --index=OUT --format=parquet|npy --output=PATH
@@ -22,6 +23,7 @@ import sys
 import numpy as np
 
 from hybridhash_jax import cli
+from hybridhash_jax import errors
 from hybridhash_jax import interrupts
 
 
@@ -35,13 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder", help="an exported encoder (python -m hybridhash_jax.export)")
     s.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 
-  b = sub.add_parser("build", help="encode a folder (or list file) of images into an index")
-  encoder_args(b, True)
-  b.add_argument("--images", required=True, help="folder of images (recursive) or a list file of paths")
+  b = sub.add_parser("build", help="encode a folder (or list file) of images into an index, or index packed codes")
+  encoder_args(b, False)
+  source = b.add_mutually_exclusive_group(required=True)
+  source.add_argument("--images", help="folder of images (recursive) or a list file of paths")
+  source.add_argument("--codes", help="packed codes: a .npy of uint8 (n, bits / 8) in the documented bit order")
+  b.add_argument("--items", default=None, help="with --codes: a parquet item table (path, label), row = id")
   b.add_argument("--index", required=True, help="index directory to create or update")
-  b.add_argument("--kind", default="flat", help="flat (exact) | multihash | ivf")
+  b.add_argument("--kind", default="flat", help="flat (exact) | multihash (exact) | ivf (approximate)")
   b.add_argument("--chunk", type=int, default=1024, help="images per staged chunk (resume granularity)")
-  b.add_argument("--nhash", type=int, default=None, help="multihash: number of hash tables (default bits/16)")
+  b.add_argument("--nhash", type=int, default=None, help="multihash: number of tables (default ceil(bits / log2 n))")
   b.add_argument("--nlist", type=int, default=None, help="ivf: number of lists (default 4 sqrt(n))")
   b.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process builds)")
   b.add_argument("--num_processes", type=int, default=None)
@@ -73,25 +78,42 @@ def _encoder(args, info: dict | None = None):
   return encoding.open_encoder(args.workdir, args.encoder, args.step, info)
 
 
+def _build_codes(args) -> None:
+  from hybridhash_jax import index_build
+  info = index_build.build_from_codes(args.codes, args.index, kind=args.kind, items=args.items, nhash=args.nhash,
+                                      nlist=args.nlist)
+  print(f"{args.index}: {info['count']} codes indexed ({info['kind']}, {info['bits']} bits), "
+        f"{info['build']['seconds']:.1f} s")
+  print(f"next: python -m hybridhash_jax.index search --index={args.index} --id 0")
+
+
 def _build(args) -> None:
+  if args.codes:
+    if args.workdir or args.encoder:
+      raise errors.ConfigError("--codes are indexed as they are: give no --workdir or --encoder")
+    return _build_codes(args)
+  if args.items:
+    raise errors.ConfigError("--items goes with --codes (an index of images has its own item table)")
+  if not (args.workdir or args.encoder):
+    raise errors.ConfigError("--images needs the model that encodes them: --workdir=W or --encoder=PATH")
   from hybridhash_jax import sharding
   sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   import jax
   from jax.experimental import multihost_utils
-  from hybridhash_jax import hamming_index
+  from hybridhash_jax import index_build
   multi = jax.process_count() > 1
   try:
-    info = hamming_index.build(_encoder(args), args.images, args.index, kind=args.kind, chunk_size=args.chunk,
-                               nhash=args.nhash, nlist=args.nlist, process_index=jax.process_index(),
-                               process_count=jax.process_count(),
-                               barrier=multihost_utils.sync_global_devices if multi else None)
+    info = index_build.build(_encoder(args), args.images, args.index, kind=args.kind, chunk_size=args.chunk,
+                             nhash=args.nhash, nlist=args.nlist, process_index=jax.process_index(),
+                             process_count=jax.process_count(),
+                             barrier=multihost_utils.sync_global_devices if multi else None)
   except interrupts.Interrupted as e:
     signum = e.signum  # raised again below, once the build's frames (and its progress bar) are gone
   else:
     signum = None
   if signum is not None:
     # Every staged chunk was written whole (to a temporary name, then renamed): a rerun reuses them.
-    staging = os.path.join(args.index, hamming_index.STAGING)
+    staging = os.path.join(args.index, index_build.STAGING)
     staged = len(glob.glob(os.path.join(staging, "*.npz")))
     raise interrupts.Interrupted(signum, f"stopped by {signal.Signals(signum).name}: {staged} chunks of up to "
                                  f"{args.chunk} images staged in {staging}; rerun the same command to resume")
@@ -161,7 +183,8 @@ def _grid(args, index, encoder, queries, query_labels, hits) -> None:
 
 def _export(args) -> None:
   from hybridhash_jax import hamming_index
-  for path in hamming_index.export(hamming_index.HammingIndex.open(args.index), args.output, args.format):
+  from hybridhash_jax import index_io
+  for path in index_io.export(hamming_index.HammingIndex.open(args.index), args.output, args.format):
     print(path)
 
 

@@ -360,14 +360,11 @@ def retrieval_metrics(query_codes, db_codes, query_labels, db_labels, top_k=None
 
 
 def top_indices(query_codes, db_codes, k: int = 10, *, num_bits=None) -> np.ndarray:
-  """(queries, k) database indices of each query's first k items in the stable ranking (for a few queries)."""
-  q_words, bits = _codes_and_bits(query_codes, num_bits, "query_codes")
+  """(queries, k) database indices of each query's first k items in the stable ranking (the compiled flat
+  search of `hamming_kernels`, on the host)."""
+  from hybridhash_jax import hamming_kernels  # (numba: CPU only)
+  q_words, _ = _codes_and_bits(query_codes, num_bits, "query_codes")
   db_words, _ = _codes_and_bits(db_codes, num_bits, "db_codes")
-  return np.asarray(_top_indices(q_words, db_words, min(int(k), len(db_words))))
-
-
-@functools.partial(jax.jit, static_argnames="k")
-def _top_indices(q_words, db_words, k):
-  d = sum(lax.population_count(q_words[:, None, w] ^ db_words[None, :, w]) for w in range(db_words.shape[1]))
-  return jnp.argsort(d.astype(jnp.int32), axis=1, stable=True)[:, :k]
+  as_bytes = lambda w: np.ascontiguousarray(np.asarray(w, "<u4")).view(np.uint8)
+  return hamming_kernels.knn(as_bytes(q_words), as_bytes(db_words), int(k))[1]
 

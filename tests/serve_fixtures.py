@@ -15,6 +15,7 @@ import uvicorn
 from hybridhash_jax import checkpoints
 from hybridhash_jax import encoding
 from hybridhash_jax import hamming_index
+from hybridhash_jax import index_build
 from hybridhash_jax import models
 from tests import data_fixtures
 from tests.test_train import tiny_config
@@ -67,7 +68,7 @@ def make(tmp: str, classes: dict[str, int] = CLASSES, size=(20, 24), config=None
       seed += 1
   write_checkpoint(workdir, config)
   encoder = encoding.Encoder.from_workdir(workdir)
-  hamming_index.build(encoder, root, out, progress=False)
+  index_build.build(encoder, root, out, progress=False)
   return Served(root, workdir, out, encoder, hamming_index.HammingIndex.open(out))
 
 

@@ -17,6 +17,7 @@ from hybridhash_jax import encoding
 from hybridhash_jax import evaluate
 from hybridhash_jax import export
 from hybridhash_jax import hamming_index
+from hybridhash_jax import index_build
 from hybridhash_jax import index as index_cli
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import metrics
@@ -56,7 +57,7 @@ def run(tmp_path_factory):
   order = _write_split(splits.database, root / "db")
   q_order = _write_split(splits.query, root / "queries")
   encoder = encoding.Encoder.from_workdir(workdir)
-  info = hamming_index.build(encoder, str(root / "db"), str(root / "out"), progress=False)
+  info = index_build.build(encoder, str(root / "db"), str(root / "out"), progress=False)
   return dict(root=root, workdir=workdir, config=config, encoder=encoder, info=info, out=str(root / "out"),
               db_codes=db_codes, db_labels=db_labels, q_codes=q_codes, q_labels=q_labels, order=np.asarray(order),
               q_order=np.asarray(q_order))
@@ -126,7 +127,7 @@ def test_other_kinds_give_true_distances_and_exact_radius(run, tmp_path):
   flat = hamming_index.HammingIndex.open(run["out"])
   queries = flat.codes_of(np.arange(0, len(flat), 151))
   for kind in ("multihash", "ivf"):
-    hamming_index.build(run["encoder"], str(run["root"] / "db"), str(tmp_path / kind), kind=kind, progress=False)
+    index_build.build(run["encoder"], str(run["root"] / "db"), str(tmp_path / kind), kind=kind, progress=False)
     other = hamming_index.HammingIndex.open(str(tmp_path / kind))
     assert other.info["kind"] == kind and len(other) == len(flat)
     np.testing.assert_array_equal(other.codes_of(np.arange(len(flat))), flat.codes_of(np.arange(len(flat))))
@@ -149,7 +150,7 @@ def test_incremental_add_change_delete(run, tmp_path):
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(p, dst)
   out = str(tmp_path / "out")
-  first = hamming_index.build(run["encoder"], str(src), out, progress=False)
+  first = index_build.build(run["encoder"], str(src), out, progress=False)
   before = hamming_index.HammingIndex.open(out)
   old = {before.item(i)["path"]: before.codes_of([i])[0] for i in range(len(before))}
   files = sorted(str(p.relative_to(src)) for p in src.rglob("*.png"))
@@ -158,7 +159,7 @@ def test_incremental_add_change_delete(run, tmp_path):
   data_fixtures.write_image(str(src / changed), np.full((8, 8, 3), 255, np.uint8))
   os.utime(src / changed, ns=(0, 1))  # a different mtime even on coarse clocks
   data_fixtures.write_image(str(src / "new" / "a.png"), np.zeros((8, 8, 3), np.uint8))
-  second = hamming_index.build(run["encoder"], str(src), out, progress=False)
+  second = index_build.build(run["encoder"], str(src), out, progress=False)
   assert first["count"] == 40 and second["count"] == 40 and second["build"]["encoded"] == 2
   after = hamming_index.HammingIndex.open(out)
   paths = [after.item(i)["path"] for i in range(len(after))]
@@ -169,8 +170,8 @@ def test_incremental_add_change_delete(run, tmp_path):
         images.decode(str(src / p)))[None]))[0]
     np.testing.assert_array_equal(after.codes_of([i])[0], want, err_msg=p)
   assert after.item(paths.index(os.path.join("new", "a.png")))["label"] == "new"
-  assert len(os.listdir(out)) == 4  # index.json and one version of each file; no staging left
-  third = hamming_index.build(run["encoder"], str(src), out, progress=False)
+  assert len(os.listdir(out)) == 3  # index.json and one version of the codes and items; no staging left
+  third = index_build.build(run["encoder"], str(src), out, progress=False)
   assert third["build"]["encoded"] == 0
 
 
@@ -181,9 +182,9 @@ def test_unreadable_files_are_skipped_and_listed(run, tmp_path, capsys):
   data_fixtures.write_bomb_png(str(src / "a" / "bomb.png"))
   listing = tmp_path / "list.txt"
   listing.write_text("imgs/a/good.png\nimgs/a/broken.png\nimgs/a/missing.png\n")
-  info = hamming_index.build(run["encoder"], str(src), str(tmp_path / "out"), progress=False)
+  info = index_build.build(run["encoder"], str(src), str(tmp_path / "out"), progress=False)
   assert info["count"] == 1 and sorted(os.path.basename(p) for p, _ in info["skipped"]) == ["bomb.png", "broken.png"]
-  info = hamming_index.build(run["encoder"], str(listing), str(tmp_path / "out2"), progress=False)
+  info = index_build.build(run["encoder"], str(listing), str(tmp_path / "out2"), progress=False)
   assert info["count"] == 1
   assert sorted(os.path.basename(p) for p, _ in info["skipped"]) == ["broken.png", "missing.png"]
   assert hamming_index.HammingIndex.open(str(tmp_path / "out2")).item(0)["path"] == os.path.join("imgs", "a",
@@ -215,7 +216,7 @@ def test_sigkill_during_build_keeps_old_index_and_resumes_exactly(run, tmp_path)
   cmd = [sys.executable, "-m", "hybridhash_jax.index", "build", f"--workdir={run['workdir']}", f"--images={src}",
          f"--index={out}", "--chunk=16"]
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  staging = out / hamming_index.STAGING
+  staging = out / index_build.STAGING
   deadline = time.time() + 300
   while time.time() < deadline and len(list(staging.glob("*.npz"))) < 3:
     assert proc.poll() is None, proc.stdout.read()
@@ -227,9 +228,9 @@ def test_sigkill_during_build_keeps_old_index_and_resumes_exactly(run, tmp_path)
   kept = hamming_index.HammingIndex.open(str(out))  # the previous index, intact
   assert kept.info == old.info
   np.testing.assert_array_equal(kept.codes_of(np.arange(len(kept))), old.codes_of(np.arange(len(old))))
-  resumed = hamming_index.build(run["encoder"], str(src), str(out), chunk_size=16, progress=False)
+  resumed = index_build.build(run["encoder"], str(src), str(out), chunk_size=16, progress=False)
   assert resumed["build"]["resumed"] >= 3 * 16 and resumed["build"]["encoded"] == 300 - resumed["build"]["resumed"]
-  clean = hamming_index.build(run["encoder"], str(src), str(tmp_path / "clean"), progress=False)
+  clean = index_build.build(run["encoder"], str(src), str(tmp_path / "clean"), progress=False)
   a, b = hamming_index.HammingIndex.open(str(out)), hamming_index.HammingIndex.open(str(tmp_path / "clean"))
   assert resumed["count"] == clean["count"] == 300
   assert [a.item(i)["path"] for i in range(300)] == [b.item(i)["path"] for i in range(300)]
@@ -251,7 +252,7 @@ def test_two_processes_build_the_single_process_index(run, tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n\n".join(outs)
   assert "(process 1)" in outs[1]  # process 1 encoded its share
-  single = hamming_index.build(run["encoder"], str(src), str(tmp_path / "single"), progress=False)
+  single = index_build.build(run["encoder"], str(src), str(tmp_path / "single"), progress=False)
   a = hamming_index.HammingIndex.open(str(tmp_path / "multi"))
   b = hamming_index.HammingIndex.open(str(tmp_path / "single"))
   assert len(a) == len(b) == single["count"] == 155
@@ -350,11 +351,11 @@ def test_bad_inputs_are_named(run, tmp_path):
   with pytest.raises(ValueError, match=r"(?s)bits: index has 16, encoder has 32.*model\.bits"):
     hamming_index.HammingIndex.open(run["out"]).check_encoder(wider)
   # Corrupt or missing index files, each named.
-  faiss_file = out / info["files"]["faiss"]
-  faiss_file.write_bytes(b"garbage")
-  assert str(faiss_file) in _cli_error(["search", f"--index={out}", "--id", "0"])
-  faiss_file.unlink()
-  assert str(faiss_file) in _cli_error(["search", f"--index={out}", "--id", "0"])
+  items_file = out / info["files"]["items"]
+  items_file.write_bytes(b"garbage")
+  assert str(items_file) in _cli_error(["search", f"--index={out}", "--id", "0"])
+  items_file.unlink()
+  assert str(items_file) in _cli_error(["search", f"--index={out}", "--id", "0"])
   (out / "index.json").write_text("{not json")
   assert str(out / "index.json") in _cli_error(["search", f"--index={out}", "--id", "0"])
   codes_file = other / info["files"]["codes"]
@@ -394,10 +395,9 @@ def test_stable_order_fixes_faiss_tie_order():
   codes = hamming_index.pack(real)
   items = {"path": [str(i) for i in range(len(codes))], "label": [None] * len(codes)}
   top = metrics.top_indices(real[:64], real, 500)
-  for kind in ("flat", "ivf"):
-    faiss_index, _ = hamming_index.make_faiss(kind, 16, codes, None, 8)
+  for kind in ("flat", "multihash", "ivf"):
+    ours = hamming_index.HammingIndex.in_memory(codes, 16, kind, items, nlist=8)
     if kind == "ivf":
-      faiss_index.nprobe = 8  # every list: exact distances, so only the tie order can differ
-      assert (faiss_index.search(codes[:64], 500)[1] != top).any()  # faiss's own order is not the stable one...
-    ours = hamming_index.HammingIndex("(memory)", {"bits": 16}, faiss_index, items, codes)
+      ours.searcher.nprobe = 8  # every list: exact distances, so only the tie order can differ
+      assert (ours.searcher.search(codes[:64], 500)[1] != top).any()  # faiss's own order is not the stable one...
     np.testing.assert_array_equal([[h.id for h in row] for row in ours.search(real[:64], k=500)], top)  # ...ours is

@@ -21,6 +21,7 @@ import pytest
 
 from hybridhash_jax import encoding
 from hybridhash_jax import hamming_index
+from hybridhash_jax import index_build
 from hybridhash_jax import webapp
 from hybridhash_jax.data import images
 from tests import data_fixtures
@@ -46,7 +47,7 @@ def _rebuild(own, added: int = 4, encoder=None) -> dict:
     path = os.path.join(own.root, "zebra", f"{i:03d}.png")
     if not os.path.exists(path):
       data_fixtures.write_image(path, serve_fixtures.smooth_image(500 + i, 20, 24))
-  return hamming_index.build(encoder or own.encoder, own.root, own.out, progress=False)
+  return index_build.build(encoder or own.encoder, own.root, own.out, progress=False)
 
 
 def _commit_edited(out: str, edit) -> None:
