@@ -27,15 +27,16 @@ import time
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from experiments.bench_serve import _serve
 from hybridhash_jax import config_args
+from hybridhash_jax import demo
 from hybridhash_jax import hamming_index
 from hybridhash_jax import index_build
 from hybridhash_jax import live_index
-from tests import data_fixtures
-from tests import serve_fixtures
-from tests.test_train import REPO
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 ADDED = "zz_added"  # the added images' folder sorts last: the demo's ids stay valid in every version
 
@@ -99,7 +100,7 @@ def main():
   load_start = open("/proc/loadavg", encoding="ascii").read().split()[:3]
   with tempfile.TemporaryDirectory() as tmp:
     config = config_args.load(str(REPO / "configs" / "quickstart.py"))
-    served = serve_fixtures.make(tmp, {f"c{c}": args.demo_images // 10 for c in range(10)}, (48, 64), config)
+    served = demo.make(tmp, config, {f"c{c}": args.demo_images // 10 for c in range(10)}, (48, 64))
     added = os.path.join(served.root, ADDED)
     uploads = [pathlib.Path(served.index.item_path(i)).read_bytes() for i in range(0, len(served.index), 50)]
     ns = argparse.Namespace(index=served.out, workdir=None, encoder=None, max_batch=32, window_ms=3.0,
@@ -116,8 +117,7 @@ def main():
         for r in range(args.rounds):
           if r % 2 == 0:
             for i in range(args.added):
-              image = serve_fixtures.smooth_image(10**6 + i, 48, 64)
-              data_fixtures.write_image(os.path.join(added, f"{i:04d}.png"), image)
+              Image.fromarray(demo.smooth_image(10**6 + i, 48, 64)).save(os.path.join(added, f"{i:04d}.png"))
           else:
             shutil.rmtree(added)
           t = time.perf_counter()

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import pathlib
 import platform
 import random
 import subprocess
@@ -27,9 +28,10 @@ import httpx
 import numpy as np
 
 from hybridhash_jax import config_args
+from hybridhash_jax import demo
 from hybridhash_jax import hamming_index
-from tests import serve_fixtures
-from tests.test_train import REPO, _free_port
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -69,7 +71,7 @@ def _summary(latencies: list[float], errors: list[str], seconds: float) -> dict:
 
 def _serve(args, batching: bool, log, extra=()):
   """A server (`extra`: more flags) started on a free port: (process, URL) once it answers."""
-  port = _free_port()
+  port = demo.free_port()
   cmd = [sys.executable, "-m", "hybridhash_jax.serve", f"--index={args.index}", f"--port={port}",
          f"--max_batch={args.max_batch}", f"--batch_window_ms={args.window_ms}", *extra]
   cmd += [f"--workdir={args.workdir}"] if args.workdir else [f"--encoder={args.encoder}"] if args.encoder else []
@@ -148,8 +150,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     if args.index is None:  # the demo: 10 classes of synthetic images, the quickstart's model with random weights
       config = config_args.load(str(REPO / "configs" / "quickstart.py"))
-      served = serve_fixtures.make(tmp, {f"c{c}": args.demo_images // 10 for c in range(10)}, (48, 64), config)
-      args.index = served.out
+      args.index = demo.make(tmp, config, {f"c{c}": args.demo_images // 10 for c in range(10)}, (48, 64)).out
     index = hamming_index.HammingIndex.open(args.index)
     uploads = []
     for i in range(min(len(index), 256)):

@@ -14,16 +14,15 @@ Rows:
 A row that fails records its error and the check goes on; cuDNN rows off GPU are skipped, as are rows
 left when --budget_s runs out. Synthetic data throughout: no dataset, no input pipeline.
 
-Packages. The device image (Python 3.12) has jax, flax, optax, orbax, absl, etils, cloudpickle,
-protobuf and scipy, but not ml-collections (config_lib) or grain (imported by train.py and
-checkpoints.py; tensorflow-datasets is imported only by the CIFAR-10 tfds source, so it need not
-travel). numba (the CPU ranking kernel) stays behind: llvmlite's wheel alone is 57 MB, past what can
-travel. Fetch the wheels once, in the repository root (the device tool's README):
-  echo /.whl/ >> .git/info/exclude
+Packages. The check needs jax, flax, optax and orbax (with absl and etils), plus ml-collections (config_lib) and
+grain (imported by train.py and checkpoints.py); tensorflow-datasets is imported only by the CIFAR-10 tfds source
+and is not needed. numba (the CPU ranking kernel) is optional: without it the host-kernel rows are skipped. On a
+GPU machine whose Python 3.12 has the first four but not ml-collections or grain, fetch those wheels elsewhere,
+in the repository root:
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0
-and run, carrying `.whl`:
+copy the checkout with `.whl` to the GPU machine, and run there:
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 -m experiments.device_check
 """
@@ -109,7 +108,7 @@ def main(argv):
     if "cudnn" in name and dev.platform != "gpu":
       table[section][name] = dict(skipped="cuDNN attention needs a GPU")
     elif name.endswith("_host") and importlib.util.find_spec("numba") is None:
-      table[section][name] = dict(skipped="the host kernel needs numba, not on this image")
+      table[section][name] = dict(skipped="the host kernel needs numba, which is not installed")
     elif time.perf_counter() - start > args.budget_s:
       table[section][name] = dict(skipped=f"past --budget_s {args.budget_s:g}")
     else:

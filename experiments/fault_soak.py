@@ -25,7 +25,6 @@ from absl import app
 from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 TINY = REPO / "tests" / "configs" / "tiny_train.py"
 
 ROUNDS = flags.DEFINE_integer("rounds", 30, "Rounds of killed training and killed index builds.")
@@ -123,12 +122,12 @@ def _final_map(workdir: pathlib.Path) -> float:
 
 def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: int, max_wait: float | None,
          map_tolerance: float) -> dict:
-  from tests import data_fixtures
   import numpy as np
+  from hybridhash_jax import demo
   t0 = time.perf_counter()
   rng = random.Random(seed)
   ref, run, images = out / "reference", out / "run", out / "images"
-  data_fixtures.write_folder(str(images), {f"c{i}": 8 for i in range(4)})
+  demo.write_images(str(images), {f"c{i}": 8 for i in range(4)}, (20, 24))
   rc, ref_wall = _finish(_train_cmd(ref, steps), out / "reference.log")
   if rc:
     sys.exit(f"the reference run failed (exit {rc}); see {out / 'reference.log'}")

@@ -1,11 +1,14 @@
-"""Test setup: four simulated CPU devices, set before any JAX backend starts, and one compilation cache.
+"""Test setup: four simulated CPU devices, set before any JAX backend starts, one compilation cache, and the
+session's shared artefacts: one tiny trained model, an index of its database, a random-weights search demo.
 
 Most of the suite's time is XLA:CPU compiling the same tiny programs in many tests and their
-subprocesses; a persistent cache, fresh for each session and inherited by the subprocesses through
-the environment, compiles each once. It stores executables, so it changes no result.
+subprocesses; a persistent cache, fresh for each session, holding programs of any compile time and
+inherited by the subprocesses through the environment, compiles each once. It stores executables,
+so it changes no result. The shared artefacts are read-only: a test that changes one copies it first.
 """
 
 import atexit
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -13,12 +16,18 @@ import tempfile
 
 from absl import flags
 import jax
+import numpy as np
 import pytest
+
+from tests import data_fixtures
+from tests import helpers
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_platforms", "cpu")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybridhash-jax-cache-")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; pytest never parses them.
 
@@ -30,8 +39,76 @@ def golden_dir():
   return GOLDEN
 
 
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  workdir: pathlib.Path  # checkpoints/ at steps 4, 8 and 12, metrics.jsonl, eval/
+  config: object  # the config it was trained with
+  results: dict  # train_and_evaluate's return: the final evaluation
+
+  def config_with(self, **overrides):
+    return helpers.with_overrides(self.config, **overrides)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+  """The tiny config with `helpers.TRAINED`, trained for its 12 steps on the 4 test devices, once per session.
+
+  It starts from random params scaled by fan-in (`demo.write_random_checkpoint`): flax's init of so small a
+  model gives codes that hardly depend on the image, and a few steps then drive them all to one sign pattern.
+  """
+  from hybridhash_jax import demo
+  from hybridhash_jax import train
+  root = tmp_path_factory.mktemp("trained")
+  demo.write_random_checkpoint(str(root / "init"), helpers.tiny_config(), step=0)
+  config = helpers.tiny_config(init_checkpoint=str(root / "init" / "checkpoints"), **helpers.TRAINED)
+  workdir = root / "work"
+  results = train.train_and_evaluate(config, str(workdir))
+  return Trained(workdir, config, results)
+
+
+def _write_split(source, root) -> np.ndarray:
+  """`root/<class>/<row>.png` for every row; returns the rows in the index's id order (sorted paths)."""
+  names = []
+  for i in range(len(source)):
+    r = source[i]
+    name = f"{int(np.argmax(r['label']))}/{i:05d}.png"
+    data_fixtures.write_image(os.path.join(root, name), np.asarray(r["image"]))
+    names.append(name)
+  return np.asarray([int(n.split("/")[1][:5]) for n in sorted(names)])
+
+
+@pytest.fixture(scope="session")
+def indexed(trained, tmp_path_factory) -> dict:
+  """`trained`'s evaluator codes, PNG folders of its query and database splits, and an index of the database."""
+  from hybridhash_jax import encoding
+  from hybridhash_jax import evaluate
+  from hybridhash_jax import index_build
+  from hybridhash_jax import input_pipeline
+  from hybridhash_jax import metrics
+  from hybridhash_jax import sharding
+  root = tmp_path_factory.mktemp("indexed")
+  config, workdir = trained.config, str(trained.workdir)
+  splits = input_pipeline.build_splits(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  r = encoding.restore(os.path.join(workdir, "checkpoints"), mesh, config.to_dict())
+  ev = evaluate.Evaluator(config, r.model, mesh, r.params_shardings)
+  db_codes, db_labels = ev.encode(r.params, splits.database)[:2]
+  q_codes, q_labels = ev.encode(r.params, splits.query)[:2]
+  # The model must tell images apart, or a ranking test on its codes could not fail.
+  _, counts = np.unique(metrics.pack_codes(db_codes), axis=0, return_counts=True)
+  assert len(counts) >= 100 and counts.max() <= 0.25 * len(db_codes), (
+      f"the shared model gives {len(counts)} codes for {len(db_codes)} images, {counts.max()} of them one code")
+  order = _write_split(splits.database, root / "db")
+  q_order = _write_split(splits.query, root / "queries")
+  encoder = encoding.Encoder.from_workdir(workdir)
+  info = index_build.build(encoder, str(root / "db"), str(root / "out"), progress=False)
+  return dict(root=root, workdir=workdir, config=config, encoder=encoder, info=info, out=str(root / "out"),
+              db_codes=db_codes, db_labels=db_labels, q_codes=q_codes, q_labels=q_labels, order=order,
+              q_order=q_order)
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-  """A tiny index with its encoder and checkpoint, shared by the web app's tests (which only read it)."""
-  from tests import serve_fixtures
-  return serve_fixtures.make(str(tmp_path_factory.mktemp("served")))
+  """A tiny index with its encoder and a random checkpoint, shared by the web app's tests (which only read it)."""
+  from hybridhash_jax import demo
+  return demo.make(str(tmp_path_factory.mktemp("served")), helpers.tiny_config())

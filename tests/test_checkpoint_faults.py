@@ -19,7 +19,7 @@ from hybridhash_jax import encoding
 from hybridhash_jax import errors
 from hybridhash_jax import evaluate
 from hybridhash_jax import train
-from tests import test_train
+from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ DAMAGED_ITEM = dict.fromkeys(DAMAGE, "params") | {"marker_only": "config"}
 def run(tmp_path_factory):
   """A tiny run with steps 4 and 8, trained once; each test damages its own copy."""
   workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(test_train.tiny_config(num_train_steps=8), str(workdir))
+  train.train_and_evaluate(helpers.tiny_config(num_train_steps=8), str(workdir))
   return workdir
 
 
@@ -124,7 +124,7 @@ def _no_eval(monkeypatch):
 def test_a_reader_names_the_unreadable_step_its_file_and_the_readable_steps(copy, kind):
   DAMAGE[kind](copy / "checkpoints" / "8")
   with pytest.raises(errors.CheckpointError) as e:
-    encoding.restore(str(copy / "checkpoints"), encoding.local_mesh(), test_train.tiny_config().to_dict())
+    encoding.restore(str(copy / "checkpoints"), encoding.local_mesh(), helpers.tiny_config().to_dict())
   message = str(e.value)
   assert message.startswith(f"checkpoint step 8 is unreadable: {copy / 'checkpoints' / '8' / DAMAGED_ITEM[kind]}: ")
   assert message.endswith("Readable steps: 4") and "\n" not in message
@@ -162,7 +162,7 @@ def test_a_bug_is_not_taken_for_damage(copy):
 def _resume(workdir, monkeypatch, caplog, steps=8):
   _no_eval(monkeypatch)
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(test_train.tiny_config(num_train_steps=steps), str(workdir))
+    train.train_and_evaluate(helpers.tiny_config(num_train_steps=steps), str(workdir))
   return [r.getMessage() for r in caplog.records]
 
 
@@ -179,8 +179,8 @@ def test_resume_sets_the_unreadable_step_aside_and_continues_from_the_one_before
   aside = [p.name for p in ckpt.iterdir() if p.name.startswith("8.unreadable-")]
   assert len(aside) == 1 and (ckpt / aside[0] / "params").exists() is (kind != "marker_only")  # kept, not deleted
   # Steps 5-8 trained again from step 4: the same params as the first time.
-  _, again, _ = test_train.restore_state(copy, 8)
-  _, first, _ = test_train.restore_state(run, 8)
+  _, again, _ = helpers.restore_state(copy, 8)
+  _, first, _ = helpers.restore_state(run, 8)
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(first)):
     np.testing.assert_array_equal(a, b)
 
@@ -200,13 +200,13 @@ def test_resume_with_no_readable_step_lists_them_and_moves_nothing(copy, monkeyp
 def test_a_config_of_another_run_is_refused_not_set_aside(copy, monkeypatch, caplog):
   with pytest.raises(errors.ConfigError, match=r"model\.bits"):
     _no_eval(monkeypatch)
-    train.train_and_evaluate(test_train.tiny_config(num_train_steps=8, **{"model.bits": 32}), str(copy))
+    train.train_and_evaluate(helpers.tiny_config(num_train_steps=8, **{"model.bits": 32}), str(copy))
   assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["4", "8"]
 
 
 def _main(workdir, *overrides):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
-  return subprocess.run([sys.executable, "-m", "hybridhash_jax.main", f"--config={test_train.TINY}",
+  return subprocess.run([sys.executable, "-m", "hybridhash_jax.main", f"--config={helpers.TINY}",
                          f"--workdir={workdir}", *[f"--config.{o}" for o in overrides]],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 

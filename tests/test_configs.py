@@ -6,8 +6,6 @@ themselves, the ablation switches change the model as documented, and a missing 
 
 import functools
 import itertools
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -26,8 +24,8 @@ from hybridhash_jax import losses
 from hybridhash_jax import models
 from hybridhash_jax import optim
 from tests import data_fixtures
+from tests.helpers import REPO, cli_env
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 LISTFILE = ("nuswide_21", "nuswide_81_m", "coco", "imagenet")
 CLASSES = {"nuswide_21": 21, "nuswide_81_m": 81, "coco": 80, "imagenet": 100}
 TOP_K = {"nuswide_21": 5000, "nuswide_81_m": 5000, "coco": 5000, "imagenet": 1000}
@@ -257,21 +255,22 @@ def test_listfile_pipeline(tmp_path, name):
 
 
 def _run_main(tmp_path, *flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
   return subprocess.run([sys.executable, "-m", "hybridhash_jax.main", f"--workdir={tmp_path / 'work'}", *flags],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.mark.parametrize("flags,message", [
-    (("--config=configs/cifar10.py:runlocal,source=archive", "--config.data.root=/nonexistent/cifar"),
-     ("config.data.root='/nonexistent/cifar'", "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar")),
-    (("--config=configs/cifar10.py:runlocal,source=tfds", "--config.data.tfds_data_dir={empty}"),
-     ("config.data.tfds_data_dir=", "ArrayRecord", "tfds build cifar10 --file_format=array_record")),
+    pytest.param(("--config=configs/cifar10.py:runlocal,source=archive", "--config.data.root=/nonexistent/cifar"),
+                 ("config.data.root='/nonexistent/cifar'", "cifar-10-python.tar.gz",
+                  "https://www.cs.toronto.edu/~kriz/cifar"), marks=pytest.mark.slow),
+    pytest.param(("--config=configs/cifar10.py:runlocal,source=tfds", "--config.data.tfds_data_dir={empty}"),
+                 ("config.data.tfds_data_dir=", "ArrayRecord", "tfds build cifar10 --file_format=array_record"),
+                 marks=pytest.mark.slow),
     (("--config=tests/configs/tiny_train.py", "--config.model.token_layout=channels"),
      ("config.model.token_layout='channels' is not one of ('reference', 'spatial')",)),
-    (("--config=tests/configs/tiny_train.py", "--config.model.param_dtype=bfloat16"),
-     ("config.model.param_dtype='bfloat16' cannot train", "no float32 master copy")),
+    pytest.param(("--config=tests/configs/tiny_train.py", "--config.model.param_dtype=bfloat16"),
+                 ("config.model.param_dtype='bfloat16' cannot train", "no float32 master copy"),
+                 marks=pytest.mark.slow),
 ])
 def test_missing_dataset_or_bad_field_exits_with_one_message(tmp_path, flags, message):
   (tmp_path / "empty").mkdir()

@@ -271,6 +271,7 @@ def test_check_skips_bad_images_up_front(listset, tmp_path, monkeypatch):
   assert decoded == [os.path.join(root, rows["database"][3][0])]
 
 
+@pytest.mark.slow
 def test_bad_image_ends_main_with_one_error_line_before_training(tmp_path):
   root = str(tmp_path / "images")
   data_fixtures.write_folder(root, {"a": 4, "b": 4})

@@ -3,10 +3,11 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
-import sys
 
 import numpy as np
+import pytest
 
 from hybridhash_jax import evaluate
 from hybridhash_jax import input_pipeline
@@ -14,32 +15,43 @@ from hybridhash_jax import models
 from hybridhash_jax import sharding
 from hybridhash_jax import train
 from tests import data_fixtures
-from tests.test_train import REPO, TINY, tiny_config
-
-ARTEFACTS = ("results.json", "pr_curve.json", "pr_curve.png", "precision_at_n.json", "precision_at_n.png",
-             "retrieval_grid.png")
+from tests.helpers import EVAL_ARTEFACTS, REPO, cli_env, main_cmd, tiny_config, trained_flags
 
 
-def test_eval_in_a_new_process_matches_training(tmp_path):
-  config = tiny_config(num_train_steps=6)  # trains on the 4 test devices
-  in_training = train.train_and_evaluate(config, str(tmp_path))
-  splits = input_pipeline.build_splits(config, str(tmp_path))
-  # Same device count: the same numbers exactly. One device: the same up to float32 summation order.
-  for devices, tolerance in (("4", 0.0), ("1", 1e-6)):
-    for name in ARTEFACTS:
-      (tmp_path / "eval" / name).unlink()
-    proc = subprocess.run([sys.executable, "-m", "hybridhash_jax.main", f"--config={TINY}", f"--workdir={tmp_path}",
-                           "--config.num_train_steps=6", "--config.eval_only=True"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=devices))
-    assert proc.returncode == 0, proc.stderr
-    for name in ARTEFACTS:
-      assert (tmp_path / "eval" / name).stat().st_size > 0, name
-    restored = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert restored["step"] == in_training["step"] == 6
-    assert abs(restored["map"] - in_training["map"]) <= tolerance, (devices, restored["map"], in_training["map"])
-    assert (restored["num_query"], restored["num_database"]) == (len(splits.query), len(splits.database)) == (50, 1547)
+def _fresh_eval(trained, tmp_path):
+  """A copy of the trained workdir without its evaluation files, so that a new evaluation must write them."""
+  workdir = tmp_path / "w"
+  shutil.copytree(trained.workdir, workdir)
+  for name in EVAL_ARTEFACTS:
+    (workdir / "eval" / name).unlink()
+  return workdir
+
+
+def _check_eval(workdir, trained, tolerance):
+  for name in EVAL_ARTEFACTS:
+    assert (workdir / "eval" / name).stat().st_size > 0, name
+  restored = json.loads((workdir / "eval" / "results.json").read_text())
+  assert restored["step"] == trained.results["step"] == 12
+  assert abs(restored["map"] - trained.results["map"]) <= tolerance, (restored["map"], trained.results["map"])
+  assert (restored["num_query"], restored["num_database"]) == (50, 1547)
   assert 0.0 < restored["map"] <= 1.0
+
+
+def test_eval_from_the_checkpoint_matches_training(trained, tmp_path):
+  """Same device count: the numbers of the evaluation in training, exactly."""
+  workdir = _fresh_eval(trained, tmp_path)
+  evaluate.evaluate_checkpoint(trained.config_with(eval_only=True), str(workdir))
+  _check_eval(workdir, trained, 0.0)
+
+
+@pytest.mark.slow
+def test_eval_in_a_new_process_matches_training(trained, tmp_path):
+  """One device in a new process: the same up to float32 summation order."""
+  workdir = _fresh_eval(trained, tmp_path)
+  proc = subprocess.run([*main_cmd(workdir, *trained_flags(), "eval_only=True")], cwd=REPO, capture_output=True,
+                        text=True, timeout=600, env=cli_env(1))
+  assert proc.returncode == 0, proc.stderr
+  _check_eval(workdir, trained, 1e-6)
 
 
 def test_encode_covers_every_example_in_source_order(tmp_path):

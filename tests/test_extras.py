@@ -17,9 +17,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONAL = ("faiss", "pyarrow", "fastapi", "starlette", "uvicorn", "multipart", "python_multipart",
             "tensorflow_datasets", "tensorflow")
 
-pytestmark = pytest.mark.slow  # fresh processes: each imports jax
-
-
 def _run_without_extras(code: str, *args: str) -> subprocess.CompletedProcess:
   prelude = f"import sys\nfor name in {OPTIONAL!r}:\n  sys.modules[name] = None\n"
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
@@ -27,6 +24,7 @@ def _run_without_extras(code: str, *args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow  # a fresh process, which imports jax
 def test_the_training_and_evaluation_path_needs_no_extra():
   proc = _run_without_extras("""
       import runpy
@@ -41,6 +39,7 @@ def test_the_training_and_evaluation_path_needs_no_extra():
   assert proc.stdout.strip() == "imported []"
 
 
+@pytest.mark.slow  # fresh processes, which import jax
 @pytest.mark.parametrize("argv, extra, module", [
     (["hybridhash_jax.index", "search", "--index=/nonexistent", "--id", "0"], "search", "faiss"),
     (["hybridhash_jax.index", "export", "--index=/nonexistent", "--format=npy", "--output=/tmp/x"], "search",

@@ -15,8 +15,7 @@ from hybridhash_jax import input_pipeline
 from hybridhash_jax import sharding
 from hybridhash_jax import train
 from hybridhash_jax.data import splits as splits_lib
-from tests.test_evaluate import ARTEFACTS
-from tests.test_train import tiny_config
+from tests.helpers import EVAL_ARTEFACTS, tiny_config
 
 
 class _DiskFull:
@@ -95,7 +94,7 @@ def test_a_failed_eval_write_keeps_the_previous_file(evaluated, monkeypatch, nam
     evaluator.run(other, splits, 8, str(workdir), evaluate.load_history(str(workdir)))
   monkeypatch.undo()
   assert (workdir / "eval" / name).read_bytes() == before
-  assert sorted(p.name for p in (workdir / "eval").iterdir()) == sorted(ARTEFACTS)  # no temporary files
+  assert sorted(p.name for p in (workdir / "eval").iterdir()) == sorted(EVAL_ARTEFACTS)  # no temporary files
   for p in (workdir / "eval").iterdir():  # every file whole: the previous one or the new one
     if p.suffix == ".json":
       json.loads(p.read_text())

@@ -6,12 +6,13 @@ import os
 import numpy as np
 import pytest
 
+from hybridhash_jax import demo
 from hybridhash_jax import encoding
 from hybridhash_jax import errors
 from hybridhash_jax import export
 from hybridhash_jax import exported
 from hybridhash_jax import models
-from tests import serve_fixtures
+from tests import helpers
 
 GPU_RUN = dict(attention="cudnn", dtype="bfloat16", remat="full")
 
@@ -38,7 +39,7 @@ def _saved_config(workdir):
 def gpu_checkpoint(tmp_path_factory):
   """A tiny checkpoint whose saved config says cudnn, bfloat16 and remat, as a GPU run writes it."""
   workdir = str(tmp_path_factory.mktemp("gpu_run"))
-  serve_fixtures.write_checkpoint(workdir)
+  demo.write_random_checkpoint(workdir, helpers.tiny_config())
   config = _saved_config(workdir)
   config["model"].update(GPU_RUN)
   path = os.path.join(workdir, "checkpoints", "7", "config", "metadata")

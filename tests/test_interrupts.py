@@ -11,20 +11,13 @@ import pytest
 
 from hybridhash_jax import checkpoints
 from hybridhash_jax import cli
-from hybridhash_jax import config_args
+from hybridhash_jax import demo
 from hybridhash_jax import hamming_index
 from hybridhash_jax import metric_writer
 from hybridhash_jax import train
+from tests import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny_train.py"
-
-
-def _config(**fields):
-  config = config_args.load(str(TINY))
-  for k, v in fields.items():
-    config[k] = v
-  return config
+REPO = helpers.REPO
 
 
 def _steps(ckpt_dir: pathlib.Path) -> list[str]:
@@ -46,7 +39,7 @@ def test_sigint_saves_the_step_in_flight_even_when_signalled_again_during_the_sa
   monkeypatch.setattr(metric_writer.MetricWriter, "write", write_then_signal)
   monkeypatch.setattr(checkpoints, "save_train", save_then_signal)
   with pytest.raises(SystemExit) as e, cli.console():
-    train.train_and_evaluate(_config(num_train_steps=50, checkpoint_every_steps=50), str(tmp_path))
+    train.train_and_evaluate(helpers.tiny_config(num_train_steps=50, checkpoint_every_steps=50), str(tmp_path))
   assert e.value.code == 130
   err = capsys.readouterr().err.splitlines()
   assert err[-1] == (f"stopped by SIGINT: step 2 is saved in {tmp_path / 'checkpoints'}; "
@@ -55,9 +48,8 @@ def test_sigint_saves_the_step_in_flight_even_when_signalled_again_during_the_sa
 
 
 def _run_main(workdir, *fields, background=False):
-  cmd = [sys.executable, "-m", "hybridhash_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-         *[f"--config.{f}" for f in fields]]
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+  """The tiny config's `main` with its stdout and stderr apart (the interrupt line is on stderr)."""
+  cmd, env = helpers.main_cmd(workdir, *fields), helpers.cli_env(1)
   if background:
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -101,8 +93,7 @@ encoding.Encoder.encode = lambda self, x: (time.sleep(0.3), _encode(self, x))[1]
 
 @pytest.mark.slow
 def test_sigint_during_index_build_keeps_the_staged_chunks_and_a_rerun_resumes(tmp_path):
-  from tests import serve_fixtures
-  served = serve_fixtures.make(str(tmp_path / "s"), classes={"a": 40, "b": 40})
+  served = demo.make(str(tmp_path / "s"), helpers.tiny_config(), classes={"a": 40, "b": 40})
   slow = tmp_path / "slow"
   slow.mkdir()
   (slow / "sitecustomize.py").write_text(_SLOW_ENCODE)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import lower_check
-from tests.test_train import TINY, tiny_config
+from tests.helpers import TINY, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PLATFORMS = ("cuda", "tpu")

@@ -3,13 +3,11 @@
 import json
 import logging
 import math
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-import data_fixtures
 from hybridhash_jax import config_args
 from hybridhash_jax import config_lib
 from hybridhash_jax import evaluate
@@ -17,9 +15,9 @@ from hybridhash_jax import health
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import losses
 from hybridhash_jax import train
-from test_train import tiny_config
+from tests import data_fixtures
+from tests.helpers import REPO, tiny_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TWO_LN2 = 2 * math.log(2)
 
 
@@ -51,6 +49,7 @@ def test_monitor_warns_once_per_collapse_and_names_what_to_try():
   assert health.collapse(_logged(0.05, loss=1.2)) is None  # small codes, but the loss is moving
 
 
+@pytest.mark.slow
 def test_signals_logged_with_the_loss_and_saddle_warned(tmp_path, caplog):
   # The paper's recipe (zero bank, no quantization term) from a fresh start sits in the saddle.
   config = tiny_config(num_train_steps=6, **{"optimizer.learning_rate": 1e-5})
@@ -64,6 +63,16 @@ def test_signals_logged_with_the_loss_and_saddle_warned(tmp_path, caplog):
     assert 1 <= r["distinct_codes"] <= config.batch_size and r["wmle"] == r["loss"]
   warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
   assert len(warnings) == 1 and "step 3" in warnings[0] and "WMLE saddle" in warnings[0]
+
+
+def test_signals_are_logged_with_the_loss(trained):
+  rows = [json.loads(l) for l in (trained.workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, 13))
+  for r in rows:
+    assert 0 <= r["mean_abs_u"] <= 1 and 0 <= r["constant_bits"] <= 1 and r["wmle"] == r["loss"]
+    assert 1 <= r["distinct_codes"] <= trained.config.batch_size and r["distinct_codes"] == int(r["distinct_codes"])
+  assert len({r["mean_abs_u"] for r in rows}) > 1  # measured at each step
 
 
 def test_prefill_bank_holds_the_models_codes_of_the_training_set(tmp_path):
@@ -97,6 +106,7 @@ def test_paper_defaults_keep_the_reference_loss_and_bank():
     assert c.optimizer.to_dict() == base.optimizer.to_dict(), name
 
 
+@pytest.mark.slow
 def test_runlocal_paper_shaped_model_leaves_the_saddle_in_its_first_epoch(tmp_path):
   config = config_args.load(str(REPO / "configs" / "cifar10.py") + ":runlocal")
   config.data.update(name="digits", query_per_class=10, train_per_class=64)  # 640 images: 40 steps an epoch
@@ -108,6 +118,7 @@ def test_runlocal_paper_shaped_model_leaves_the_saddle_in_its_first_epoch(tmp_pa
   assert len(wmle) == 40 and np.mean(wmle[-5:]) < TWO_LN2 - 0.05, wmle  # left, not passing through
 
 
+@pytest.mark.slow
 def test_folder_config_learns_a_png_tree_of_digits(tmp_path):
   root = tmp_path / "digits"
   data_fixtures.write_digits_folder(str(root))

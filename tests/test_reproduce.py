@@ -7,7 +7,11 @@ import pathlib
 import subprocess
 import sys
 
+from absl import app
+from absl.testing import flagsaver
 import pytest
+
+from experiments import reproduce
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,13 +33,18 @@ def _csv(path) -> dict:
     return {(r["config"], int(r["bits"])): r for r in csv.DictReader(f)}
 
 
-def test_collects_two_finished_runs(tmp_path):
+def _collect(**flags) -> None:
+  """experiments.reproduce's main in this process, with these flags."""
+  with flagsaver.flagsaver(collect_only=True, **flags):
+    reproduce.main(["reproduce"])
+
+
+def test_collects_two_finished_runs(tmp_path, capsys):
   _fake_run(tmp_path / "cifar10_16", map=0.9012, best=dict(step=2340, map=0.9123), history=[], top_k=54000,
             bits=16, step=2340, num_query=1000, num_database=54000, dataset="cifar10")
   _fake_run(tmp_path / "imagenet_32", map=0.8765, best=dict(step=1827, map=0.8801), history=[], top_k=1000,
             bits=32, step=2436, num_query=5000, num_database=128503, dataset="listfile")
-  proc = _reproduce("--collect_only", "--configs=cifar10,imagenet,coco", "--bits=16,32", f"--workroot={tmp_path}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _collect(configs=["cifar10", "imagenet", "coco"], bits=["16", "32"], workroot=str(tmp_path))
   rows = _csv(tmp_path / "results.csv")
   assert len(rows) == 6
   r = rows[("cifar10", 16)]
@@ -53,7 +62,7 @@ def test_collects_two_finished_runs(tmp_path):
   assert rows[("imagenet", 16)]["map_reference"] == "0.8028" and rows[("coco", 16)]["map_reference"] == ""
 
   table = (tmp_path / "results.md").read_text()
-  assert table in proc.stdout
+  assert table in capsys.readouterr().out
   lines = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in table.splitlines()
            if line.startswith("| ") and "config" not in line}
   assert "| 0.9012 | 0.9123 (2340) | 0.9487 | 54000 | 2340 | 1000 | 54000 | collected |" in lines[("cifar10", "16")]
@@ -64,10 +73,11 @@ def test_collects_two_finished_runs(tmp_path):
 
 
 def test_bad_bits_are_refused(tmp_path):
-  proc = _reproduce("--collect_only", "--bits=24", f"--workroot={tmp_path}")
-  assert proc.returncode != 0 and "--bits [24]: each must be one of (16, 32, 48, 64)" in proc.stderr
+  with pytest.raises(app.UsageError, match=r"--bits \[24\]: each must be one of \(16, 32, 48, 64\)"):
+    _collect(bits=["24"], workroot=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_failed_runs_show_as_failed(tmp_path):
   """Runs that exit at once (a config that raises); the NesT-B path template is filled per run."""
   (tmp_path / "broken.py").write_text("def get_config(arg=None):\n  raise ValueError('broken on purpose')\n")

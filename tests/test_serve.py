@@ -5,8 +5,6 @@ import concurrent.futures
 import dataclasses
 import io
 import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -15,12 +13,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 import pytest
 
+from hybridhash_jax import demo
+from hybridhash_jax import serve
 from hybridhash_jax import webapp
 from hybridhash_jax.batcher import Batcher
 from hybridhash_jax.data import images
 from tests import data_fixtures
-from tests import serve_fixtures
-from tests.test_train import REPO, _free_port
+from tests import helpers
+from tests.helpers import serving
 
 LIMIT = 2**20  # a 1 MB upload limit keeps the over-limit bodies small
 
@@ -136,7 +136,7 @@ def test_no_request_path_is_opened(client, path):
 def test_raw_dot_segments_are_not_found(served):
   """An HTTP client that sends `..` unnormalised, straight to uvicorn."""
   app = webapp.create_app(served.index, served.encoder, max_batch=4)
-  with serve_fixtures.serving(app) as url:
+  with serving(app) as url:
     with httpx.Client() as http:
       for path in ("/api/items/../../../../etc/passwd", "/../../../../etc/passwd", "/api/items/../../pyproject.toml"):
         request = http.build_request("GET", url)
@@ -266,8 +266,8 @@ def test_batcher_hands_errors_to_each_request():
 def test_concurrent_uploads_share_batches(served):
   """Over real HTTP: 16 uploads at once are encoded in fewer batches, and each gets its own result."""
   app = webapp.create_app(served.index, served.encoder, batch_window_s=0.05, max_batch=8)
-  uploads = [_png(serve_fixtures.smooth_image(100 + i, 20, 24)) for i in range(16)]
-  with serve_fixtures.serving(app) as url:
+  uploads = [_png(demo.smooth_image(100 + i, 20, 24)) for i in range(16)]
+  with serving(app) as url:
     def search(data):
       return httpx.post(f"{url}/api/search", files={"image": ("u.png", data)}, data={"k": "3"}, timeout=60).json()
 
@@ -280,15 +280,36 @@ def test_concurrent_uploads_share_batches(served):
   assert sum(int(n) * c for n, c in batches.items()) == 16 and max(map(int, batches)) > 1, batches
 
 
-def _serve_cli(*args, **kwargs):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=str(REPO))
-  return subprocess.Popen([sys.executable, "-m", "hybridhash_jax.serve", *args], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+def test_main_serves_the_index_with_its_own_encoder(served, monkeypatch, capsys):
+  """`serve.main` in this process, up to uvicorn: the app it hands over searches the index with its encoder."""
+  import uvicorn
+  handed = {}
+  monkeypatch.setattr(uvicorn, "run", lambda app, **kw: handed.update(app=app, **kw))
+  serve.main([f"--index={served.out}", "--port=8123", "--max_batch=1"])
+  assert capsys.readouterr().out.strip() == "Searching 18 items (16 bits): open http://127.0.0.1:8123/"
+  assert (handed["host"], handed["port"]) == ("127.0.0.1", 8123)
+  with TestClient(handed["app"]) as client:
+    info = client.get("/api/info").json()
+    assert (info["size"], info["step"], info["checkpoint"]) == (18, 7, served.index.info["checkpoint"])
+    hits = client.post("/api/search", json={"id": 3, "k": 5}).json()["hits"]
+  assert hits == _expected(served, served.index.codes_of([3]), k=5)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--index=/nonexistent/index"], "/nonexistent/index/index.json"),
+    (["--index={out}", "--workdir=/nonexistent/work"], "/nonexistent/work/checkpoints"),
+])
+def test_main_errors_are_one_line(served, args, message):
+  with pytest.raises(SystemExit) as e:
+    serve.main([a.format(out=served.out) for a in args])
+  assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and message in e.value.code
+  assert "\n" not in e.value.code
+
+
+@pytest.mark.slow
 def test_cli_serves_the_index_with_its_own_encoder(served):
-  port = _free_port()
-  proc = _serve_cli(f"--index={served.out}", f"--port={port}", "--max_batch=1")
+  port = demo.free_port()
+  proc = helpers.serve_cli(f"--index={served.out}", f"--port={port}", "--max_batch=1")
   try:
     line = proc.stdout.readline()
     assert line.strip() == f"Searching 18 items (16 bits): open http://127.0.0.1:{port}/", (line, proc.stderr)
@@ -308,12 +329,13 @@ def test_cli_serves_the_index_with_its_own_encoder(served):
     proc.wait(30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--index=/nonexistent/index"], "/nonexistent/index/index.json"),
     (["--index={out}", "--workdir=/nonexistent/work"], "/nonexistent/work/checkpoints"),
 ])
 def test_cli_errors_are_one_line(served, args, message):
-  proc = _serve_cli(*(a.format(out=served.out) for a in args))
+  proc = helpers.serve_cli(*(a.format(out=served.out) for a in args))
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 1 and "Traceback" not in err, err
   assert err.strip().splitlines()[-1].startswith("error: ") and message in err, err

@@ -16,7 +16,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from hybridhash_jax import webapp
-from tests import serve_fixtures
+from tests.helpers import serving
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
@@ -26,7 +26,7 @@ WIDTHS = {"phone": (360, 1100), "desktop": (1280, 900)}
 
 @pytest.fixture(scope="module")
 def url(served):
-  with serve_fixtures.serving(webapp.create_app(served.index, served.encoder, max_batch=4)) as base:
+  with serving(webapp.create_app(served.index, served.encoder, max_batch=4)) as base:
     yield base
 
 

@@ -16,13 +16,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 import pytest
 
+from hybridhash_jax import demo
 from hybridhash_jax import webapp
-from tests import serve_fixtures
+from tests import helpers
 
 
 def _png(seed: int = 0) -> bytes:
   out = io.BytesIO()
-  Image.fromarray(serve_fixtures.smooth_image(seed, 20, 24)).save(out, "PNG")
+  Image.fromarray(demo.smooth_image(seed, 20, 24)).save(out, "PNG")
   return out.getvalue()
 
 
@@ -107,7 +108,7 @@ SENT = (600_000, 1_500_000)
 
 def _aborted_uploads_leave_nothing(served, n: int, rss_growth_mb: float | None) -> None:
   app = webapp.create_app(served.index, served.encoder, max_batch=2, max_inflight=1)
-  with serve_fixtures.serving(app) as url:
+  with helpers.serving(app) as url:
     errors = _Errors()  # uvicorn's log of an exception in the app, after its start configured that logger
     logging.getLogger("uvicorn.error").addHandler(errors)
     port = int(url.rsplit(":", 1)[1])

@@ -22,13 +22,12 @@ import pytest
 from hybridhash_jax import encoding
 from hybridhash_jax import hamming_index
 from hybridhash_jax import index_build
+from hybridhash_jax import demo
 from hybridhash_jax import webapp
 from hybridhash_jax.data import images
 from tests import data_fixtures
-from tests import serve_fixtures
-from tests.test_serve import _serve_cli
-from tests.test_train import _free_port
-from tests.test_train import tiny_config
+from tests import helpers
+from tests.helpers import tiny_config
 
 
 @pytest.fixture
@@ -46,7 +45,7 @@ def _rebuild(own, added: int = 4, encoder=None) -> dict:
   for i in range(added):
     path = os.path.join(own.root, "zebra", f"{i:03d}.png")
     if not os.path.exists(path):
-      data_fixtures.write_image(path, serve_fixtures.smooth_image(500 + i, 20, 24))
+      data_fixtures.write_image(path, demo.smooth_image(500 + i, 20, 24))
   return index_build.build(encoder or own.encoder, own.root, own.out, progress=False)
 
 
@@ -181,7 +180,7 @@ def test_an_index_of_another_model_is_refused(own, refusals, edit, field):
 @pytest.mark.slow  # restores and compiles a second model
 def test_a_rebuild_with_other_bits_is_refused(own, tmp_path, refusals):
   other = str(tmp_path / "work32")
-  serve_fixtures.write_checkpoint(other, tiny_config(**{"model.bits": 32}))
+  demo.write_random_checkpoint(other, tiny_config(**{"model.bits": 32}))
   app = webapp.create_app(own.index, own.encoder, max_batch=2)
   with TestClient(app) as client:
     _rebuild(own, encoder=encoding.Encoder.from_workdir(other))
@@ -228,8 +227,8 @@ def test_item_images_follow_the_swap(own):
 
 @pytest.mark.slow
 def test_cli_reloads_on_sighup(own):
-  port = _free_port()
-  proc = _serve_cli(f"--index={own.out}", f"--port={port}", "--max_batch=1", "--reload_s=0")
+  port = demo.free_port()
+  proc = helpers.serve_cli(f"--index={own.out}", f"--port={port}", "--max_batch=1", "--reload_s=0")
   url = f"http://127.0.0.1:{port}"
   try:
     proc.stdout.readline()

@@ -1,10 +1,8 @@
 """The train loop: sharding invariance, two processes, kill and resume, wrong checkpoints, NaN."""
 
-import json
 import os
-import pathlib
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,52 +13,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hybridhash_jax import checkpoints
+from hybridhash_jax import demo
+from hybridhash_jax import evaluate
 from hybridhash_jax import input_pipeline
 from hybridhash_jax import losses
+from hybridhash_jax import models
 from hybridhash_jax import sharding
 from hybridhash_jax import train
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny_train.py"
-
-
-def tiny_config(**overrides):
-  sys.path.insert(0, str(TINY.parent))
-  import tiny_train
-  c = tiny_train.get_config()
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
-
-
-def run_main(workdir, *overrides, env_extra=None, background=False, devices=1):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             **(env_extra or {}))
-  cmd = [sys.executable, "-m", "hybridhash_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-         *[f"--config.{o}" for o in overrides]]
-  if background:
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  return proc
-
-
-def logged_losses(workdir):
-  rows = [json.loads(l) for l in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def restore_state(workdir, step=None):
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
-    step = mngr.latest_step() if step is None else step
-    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                     train=ocp.args.StandardRestore()))
-  return step, out["params"], out["train"]
-
+from tests import data_fixtures
+from tests.helpers import REPO, TINY, cli_env, logged_losses, main_cmd, restore_state, run_main, tiny_config
 
 def test_one_step_on_four_devices_equals_one_device(tmp_path):
   config = tiny_config()
@@ -135,24 +96,18 @@ def test_fsdp_sharding_matches_replicated(tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   # A small step size: RMSprop's first updates are ~lr * sign(g), so a gradient that is rounding
   # noise (different all-reduce orders) would otherwise move the loss by ~lr.
   steps, lr = "num_train_steps=4", "optimizer.learning_rate=1e-5"
-  single = tmp_path / "single"
-  run_main(single, steps, lr, devices=2)
-  port = _free_port()
-  cmd_common = [sys.executable, "-m", "hybridhash_jax.main", f"--config={TINY}", f"--workdir={tmp_path / 'multi'}",
-                f"--config.{steps}", f"--config.{lr}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(cmd_common + [f"--process_id={i}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+  port = demo.free_port()
+  cmd = [*main_cmd(tmp_path / "multi", steps, lr), f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], env=cli_env(1), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  single = tmp_path / "single"  # one process, in this one, while the two run
+  train.train_and_evaluate(tiny_config(num_train_steps=4, **{"optimizer.learning_rate": 1e-5}), str(single))
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n\n".join(outs)
   one, two = logged_losses(single), logged_losses(tmp_path / "multi")
@@ -161,9 +116,12 @@ def test_two_processes_match_one_process(tmp_path):
     assert abs(one[s] - two[s]) <= 1e-5, (s, one[s], two[s])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path):
+  """A run killed (SIGKILL) after a checkpoint resumes to the bits of an uninterrupted run. Only the killed run
+  needs a process of its own; it has this process's 4 devices, so all three runs compile the same programs."""
   killed, clean = tmp_path / "killed", tmp_path / "clean"
-  proc = run_main(killed, "num_train_steps=100000", background=True)
+  proc = run_main(killed, "num_train_steps=100000", devices=4, background=True)
   ckpt_dir = killed / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -178,8 +136,8 @@ def test_kill_and_resume_is_exact(tmp_path):
     last = mngr.latest_step()
   assert last is not None and last % 4 == 0
   total = last + 8
-  run_main(killed, f"num_train_steps={total}")
-  run_main(clean, f"num_train_steps={total}")
+  train.train_and_evaluate(tiny_config(num_train_steps=total), str(killed))
+  train.train_and_evaluate(tiny_config(num_train_steps=total), str(clean))
   step_k, params_k, train_k = restore_state(killed)
   step_c, params_c, train_c = restore_state(clean)
   assert step_k == step_c == total
@@ -190,50 +148,51 @@ def test_kill_and_resume_is_exact(tmp_path):
   assert all(lk[s] == lc[s] for s in range(last + 1, total + 1))
 
 
-def test_wrong_checkpoint_is_refused_naming_the_field(tmp_path):
-  config = tiny_config(num_train_steps=4)
-  train.train_and_evaluate(config, str(tmp_path))
+def _copy(trained, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(trained.workdir, workdir)
+  return workdir
+
+
+def test_wrong_checkpoint_is_refused_naming_the_field(trained, tmp_path):
+  workdir = str(_copy(trained, tmp_path))
   with pytest.raises(ValueError, match=r"model\.bits: checkpoint has 16, config has 32"):
-    train.train_and_evaluate(tiny_config(num_train_steps=8, **{"model.bits": 32}), str(tmp_path))
+    train.train_and_evaluate(trained.config_with(num_train_steps=16, **{"model.bits": 32}), workdir)
   with pytest.raises(ValueError, match=r"model\.embed_dims"):
-    train.train_and_evaluate(tiny_config(num_train_steps=8, **{"model.embed_dims": (8, 16, 24)}), str(tmp_path))
-  from hybridhash_jax import evaluate
+    train.train_and_evaluate(trained.config_with(num_train_steps=16, **{"model.embed_dims": (8, 16, 24)}), workdir)
   with pytest.raises(ValueError, match=r"model\.bits"):
-    evaluate.evaluate_checkpoint(tiny_config(**{"model.bits": 32}), str(tmp_path))
+    evaluate.evaluate_checkpoint(trained.config_with(**{"model.bits": 32}), workdir)
   with pytest.raises(ValueError, match=r"model\.token_layout"):  # no parameter of its own, yet other outputs
-    evaluate.evaluate_checkpoint(tiny_config(**{"model.token_layout": "spatial"}), str(tmp_path))
+    evaluate.evaluate_checkpoint(trained.config_with(**{"model.token_layout": "spatial"}), workdir)
 
 
-def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path))
-  good_step, good_params, _ = restore_state(tmp_path)
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(trained, tmp_path, monkeypatch):
+  workdir = _copy(trained, tmp_path)
+  good_step, good_params, _ = restore_state(workdir)
   real = losses.wmle_loss
   monkeypatch.setattr(losses, "wmle_loss", lambda *a, **k: (real(*a, **k)[0] * np.nan, real(*a, **k)[1]))
-  with pytest.raises(train.NonFiniteLossError, match=r"non-finite .*loss.* at step 5"):
-    train.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path))
-  step, params, _ = restore_state(tmp_path)
-  assert step == good_step == 4
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite .*loss.* at step 13"):
+    train.train_and_evaluate(trained.config_with(num_train_steps=20), str(workdir))
+  step, params, _ = restore_state(workdir)
+  assert step == good_step == 12
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good_params)):
     np.testing.assert_array_equal(a, b)
     assert np.all(np.isfinite(a))
 
 
-def test_checkpoint_restore_params_roundtrip(tmp_path):
-  config = tiny_config(num_train_steps=4)
-  train.train_and_evaluate(config, str(tmp_path))
-  step, params, _ = restore_state(tmp_path)
-  from hybridhash_jax import models
+def test_checkpoint_restore_params_roundtrip(trained):
+  step, params, _ = restore_state(trained.workdir)
+  config = trained.config
   abstract = models.abstract_params(models.from_config(config.model))
-  restored, saved, s = checkpoints.restore_params(str(tmp_path / "checkpoints"), abstract, config.to_dict())
-  assert s == step and saved["model"]["bits"] == 16
+  restored, saved, s = checkpoints.restore_params(str(trained.workdir / "checkpoints"), abstract, config.to_dict())
+  assert s == step == 12 and saved["model"]["bits"] == 16
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
 
 
-def test_init_checkpoint_seeds_params_only(tmp_path):
-  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "a"))
-  _, params_a, _ = restore_state(tmp_path / "a")
-  config = tiny_config(num_train_steps=4, init_checkpoint=str(tmp_path / "a" / "checkpoints"))
+def test_init_checkpoint_seeds_params_only(trained, tmp_path):
+  _, params_a, _ = restore_state(trained.workdir)
+  config = trained.config_with(num_train_steps=4, init_checkpoint=str(trained.workdir / "checkpoints"))
   splits = input_pipeline.build_splits(config, str(tmp_path / "b"))
   mesh = sharding.make_mesh(config.mesh)
   state = train.initial_state(train.build(config, splits, mesh), config)
@@ -242,16 +201,15 @@ def test_init_checkpoint_seeds_params_only(tmp_path):
     np.testing.assert_array_equal(a, b)  # ...starting from the given params
 
 
-def test_init_checkpoint_of_another_code_length_seeds_all_but_the_hash_layer(tmp_path):
-  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "a"))  # 16 bits
-  _, params_a, _ = restore_state(tmp_path / "a")
-  init = str(tmp_path / "a" / "checkpoints")
-  config = tiny_config(num_train_steps=4, init_checkpoint=init, **{"model.bits": 32})
+def test_init_checkpoint_of_another_code_length_seeds_all_but_the_hash_layer(trained, tmp_path):
+  _, params_a, _ = restore_state(trained.workdir)  # 16 bits
+  init = str(trained.workdir / "checkpoints")
+  config = trained.config_with(num_train_steps=4, init_checkpoint=init, **{"model.bits": 32})
   splits = input_pipeline.build_splits(config, str(tmp_path / "b"))
   mesh = sharding.make_mesh(config.mesh)
   setup = train.build(config, splits, mesh)
   seeded = jax.device_get(train.initial_state(setup, config).params)
-  fresh = jax.device_get(train.initial_state(setup, tiny_config(**{"model.bits": 32})).params)
+  fresh = jax.device_get(train.initial_state(setup, trained.config_with(**{"model.bits": 32})).params)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(seeded)[0]]
   head = [i for i, p in enumerate(paths) if "hashlayer" in p]
   assert head and len(head) < len(paths)
@@ -261,16 +219,17 @@ def test_init_checkpoint_of_another_code_length_seeds_all_but_the_hash_layer(tmp
     else:
       np.testing.assert_array_equal(s, a)  # everything else comes from the 16-bit checkpoint
   assert sum(s.shape != a.shape for s, a in zip(jax.tree.leaves(seeded), jax.tree.leaves(params_a))) >= 1
-  other = tiny_config(init_checkpoint=init, **{"model.bits": 32, "model.embed_dims": (8, 16, 24)})
+  other = trained.config_with(init_checkpoint=init, **{"model.bits": 32, "model.embed_dims": (8, 16, 24)})
   with pytest.raises(ValueError, match=r"model\.embed_dims"):  # any other model field must match
     train.initial_state(train.build(other, splits, mesh), other)
 
 
+@pytest.mark.slow
 def test_missing_init_checkpoint_exits_with_one_message(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "hybridhash_jax.main", f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
        f"--config.init_checkpoint={tmp_path / 'nope'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   assert f"error: no checkpoint directory {tmp_path / 'nope'}" in proc.stderr
@@ -278,10 +237,18 @@ def test_missing_init_checkpoint_exits_with_one_message(tmp_path):
   assert not (tmp_path / "nope").exists()
 
 
+def test_missing_init_checkpoint_is_named_with_the_recipe(tmp_path):
+  config = tiny_config(init_checkpoint=str(tmp_path / "nope"))
+  splits = input_pipeline.build_splits(config, str(tmp_path / "w"))
+  setup = train.build(config, splits, sharding.make_mesh(config.mesh))
+  with pytest.raises(FileNotFoundError, match=r"(?s)no checkpoint directory .*nope.*python -m hybridhash_jax\.convert"):
+    train.initial_state(setup, config)
+  assert not (tmp_path / "nope").exists()
+
+
 def test_skipped_training_images_leave_the_bank_pairs(tmp_path, monkeypatch):
   """The check's bad training rows form no pair; rows past the training set (the reference's zero
   rows, loss.memory_bank_size larger than it) still do."""
-  from tests import data_fixtures
   root = str(tmp_path / "data")
   rows = data_fixtures.write_listfile(root, {"train": 16, "query": 4, "database": 8}, num_classes=5)
   with open(os.path.join(root, rows["train"][3][0]), "wb") as f:
@@ -299,7 +266,6 @@ def test_skipped_training_images_leave_the_bank_pairs(tmp_path, monkeypatch):
 
 
 def test_an_error_after_training_began_saves_a_checkpoint_first(tmp_path, monkeypatch):
-  from hybridhash_jax import evaluate
   from hybridhash_jax.data import images
 
   def bad_database(*args, **kwargs):

@@ -11,7 +11,7 @@ import pytest
 
 from hybridhash_jax import errors
 from hybridhash_jax import workdir_lock
-from tests import test_train
+from tests import helpers
 
 
 def _dead_pid() -> int:
@@ -67,16 +67,14 @@ def test_a_lock_released_by_another_is_not_deleted(tmp_path):
 @pytest.mark.slow
 def test_two_training_runs_on_one_workdir(tmp_path):
   """The second run refuses at once with one error line; the first one trains on."""
-  first = test_train.run_main(tmp_path, "num_train_steps=100000", background=True)
+  first = helpers.run_main(tmp_path, "num_train_steps=100000", background=True)
   try:
     deadline = time.time() + 300
     while not (tmp_path / "run.lock").exists():
       assert first.poll() is None and time.time() < deadline
       time.sleep(0.1)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
-    second = subprocess.run([sys.executable, "-m", "hybridhash_jax.main", f"--config={test_train.TINY}",
-                             f"--workdir={tmp_path}"], cwd=test_train.REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    second = subprocess.run(helpers.main_cmd(tmp_path), cwd=helpers.REPO, env=helpers.cli_env(1),
+                            capture_output=True, text=True, timeout=600)
     assert second.returncode != 0 and "Traceback" not in second.stderr
     lines = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and f"PID {first.pid} on host {socket.gethostname()}" in lines[0]
