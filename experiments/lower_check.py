@@ -40,13 +40,19 @@ from hybridhash_jax import sharding
 from hybridhash_jax import train
 
 PROGRAMS = ("train_step", "train_step_fsdp", "encode", "ranking_sort")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", "Config whose programs to lower.")
-_PLATFORMS = flags.DEFINE_list("platforms", ["cuda", "tpu"], "Platforms to lower for.")
-_PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to lower.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Simulated CPU devices: the mesh's size.")
-_TRAIN_SIZE = flags.DEFINE_integer("train_size", 5000, "Training images, the memory bank's rows (CIFAR-10: 5,000).")
-_QUERIES = flags.DEFINE_integer("queries", 1000, "Ranking queries (CIFAR-10: 1,000).")
-_DATABASE = flags.DEFINE_integer("database", 54000, "Ranking database size (CIFAR-10: 54,000).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Only when run: its --config and --devices would clash with main's and the experiments' in one process."""
+  config_flags.DEFINE_config_file("config", "configs/cifar10.py", "Config whose programs to lower.")
+  flags.DEFINE_list("platforms", ["cuda", "tpu"], "Platforms to lower for.")
+  flags.DEFINE_list("programs", list(PROGRAMS), "Programs to lower.")
+  flags.DEFINE_integer("devices", 8, "Simulated CPU devices: the mesh's size.")
+  flags.DEFINE_integer("train_size", 5000, "Training images, the memory bank's rows (CIFAR-10: 5,000).")
+  flags.DEFINE_integer("queries", 1000, "Ranking queries (CIFAR-10: 1,000).")
+  flags.DEFINE_integer("database", 54000, "Ranking database size (CIFAR-10: 54,000).")
+
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # The partitioned module only counts collectives: the CPU backend's code generation is not wanted.
@@ -201,11 +207,12 @@ def check(config, platforms, names=None, *, train_size: int = 5000, queries: int
 def main(argv):
   del argv
   jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-  table = check(_CONFIG.value, _PLATFORMS.value, _PROGRAMS.value, train_size=_TRAIN_SIZE.value, queries=_QUERIES.value,
-                database=_DATABASE.value)
+  jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+  table = check(FLAGS.config, FLAGS.platforms, FLAGS.programs, train_size=FLAGS.train_size, queries=FLAGS.queries,
+                database=FLAGS.database)
   print(json.dumps(table))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
