@@ -20,14 +20,20 @@ from hybridhash_jax import input_pipeline
 from hybridhash_jax import sharding
 from hybridhash_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config to benchmark.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
-_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype override: float32 | bfloat16.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_TRAIN_SIZE = flags.DEFINE_integer("train_size", 10000, "Rows of the synthetic train set (memory bank size).")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s per chip, if not in the built-in table.")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Report FLOPs and XLA's memory estimate without running.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Only when run: device_check imports `measure`, and --config is main's flag too in one process."""
+  config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config to benchmark.")
+  flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
+  flags.DEFINE_string("dtype", None, "Compute dtype override: float32 | bfloat16.")
+  flags.DEFINE_integer("steps", 20, "Timed steps.")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_integer("train_size", 10000, "Rows of the synthetic train set (memory bank size).")
+  flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s per chip, if not in the built-in table.")
+  flags.DEFINE_bool("compile_only", False, "Report FLOPs and XLA's memory estimate without running.")
+
 
 # Dense peak TFLOP/s per chip, by device kind prefix and compute dtype (vendor data sheets).
 PEAK_TFLOPS = {
@@ -105,14 +111,15 @@ def measure(config, *, steps: int = 20, warmup: int = 3, train_size: int = 10000
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  if _BATCH.value:
-    config.batch_size = _BATCH.value
-  if _DTYPE.value:
-    config.model.dtype = _DTYPE.value
-  print(json.dumps(measure(config, steps=_STEPS.value, warmup=_WARMUP.value, train_size=_TRAIN_SIZE.value,
-                           compile_only=_COMPILE_ONLY.value, peak=_PEAK.value), indent=1))
+  config = FLAGS.config
+  if FLAGS.batch_size:
+    config.batch_size = FLAGS.batch_size
+  if FLAGS.dtype:
+    config.model.dtype = FLAGS.dtype
+  print(json.dumps(measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup, train_size=FLAGS.train_size,
+                           compile_only=FLAGS.compile_only, peak=FLAGS.peak_tflops), indent=1))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

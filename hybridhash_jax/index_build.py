@@ -58,7 +58,7 @@ def searcher(kind: str, bits: int, codes: np.ndarray, nhash: int | None = None, 
     if len(codes):
       index.add(codes)
     return index, {"nlist": nlist, "nprobe": index.nprobe}
-  raise ValueError(f"--kind={kind!r} is not one of {hamming_index.KINDS}")
+  raise errors.ConfigError(f"--kind={kind!r} is not one of {hamming_index.KINDS}")
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -131,7 +131,7 @@ def build_from_codes(codes_path: str, out: str, *, kind: str = "flat", items: st
                      nhash: int | None = None, nlist: int | None = None) -> dict:
   """An index of packed codes (ids = rows), with the item table `items` (parquet: path, label) if given."""
   if kind not in hamming_index.KINDS:
-    raise ValueError(f"--kind={kind!r} is not one of {hamming_index.KINDS}")
+    raise errors.ConfigError(f"--kind={kind!r} is not one of {hamming_index.KINDS}")
   t0 = time.perf_counter()
   codes = _read_codes(codes_path)
   table = _read_items(items, len(codes)) if items else None
@@ -232,7 +232,7 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
   the chunks; process 0 then writes the index).
   """
   if kind not in hamming_index.KINDS:
-    raise ValueError(f"--kind={kind!r} is not one of {hamming_index.KINDS}")
+    raise errors.ConfigError(f"--kind={kind!r} is not one of {hamming_index.KINDS}")
   if encoder.bits % 8:
     raise errors.ConfigError(f"packed codes need a multiple of 8 bits; the encoder has {encoder.bits}")
   t0 = time.perf_counter()

@@ -207,6 +207,7 @@ def test_ablation_switches_change_the_model():
                                                interaction, hash_global), arg
 
 
+@pytest.mark.slow
 def test_token_layout_changes_outputs_not_params():
   configs = {layout: load("cifar10", f"runlocal,token_layout={layout}") for layout in ("reference", "spatial")}
   shapes = {k: jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(c)) for k, c in configs.items()}

@@ -86,6 +86,7 @@ def test_python_tar_archive(tmp_path):
   assert np.array_equal(images, ref_images) and np.array_equal(classes, ref_classes)
 
 
+@pytest.mark.slow
 def test_seeds_and_saved_split(py_archive, tmp_path):
   a = input_pipeline.build_splits(_config(root=py_archive, seed=1), str(tmp_path / "a"))
   b = input_pipeline.build_splits(_config(root=py_archive, seed=1), str(tmp_path / "b"))
@@ -149,6 +150,7 @@ def test_tfds_source_protocols(tmp_path, protocol):
     assert batch["image"].shape == (4, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_tfds_default_mock_source(tmp_path):
   """The default TFDS mock (random labels, an ArrayRecord-like source) through the real `tfds.data_source`."""
   with tfds.testing.mock_data(num_examples=30_000):

@@ -54,6 +54,7 @@ def test_eval_in_a_new_process_matches_training(trained, tmp_path):
   _check_eval(workdir, trained, 1e-6)
 
 
+@pytest.mark.slow
 def test_encode_covers_every_example_in_source_order(tmp_path):
   """Padded, sharded batches come back complete and in order: compare with a plain per-batch apply."""
   config = tiny_config(eval_batch_size=12)  # 50 queries: 4 full batches and a padded one, on 4 devices
@@ -86,6 +87,7 @@ def _evaluate(config, workdir):
       params, splits, 0, workdir, {})
 
 
+@pytest.mark.slow
 def test_skipped_images_leave_the_ranking(tmp_path):
   """A database (and query set) with a corrupt image gives exactly the mAP of the same sets without it."""
   sizes = {"train": 8, "query": 6, "database": 24}

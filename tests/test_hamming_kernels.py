@@ -68,6 +68,7 @@ def test_radius_is_every_hit_in_the_stable_order(n, nq):
       np.testing.assert_array_equal(dist[lims[q]:lims[q + 1]], d[q][want])
 
 
+@pytest.mark.slow
 def test_memory_mapped_codes_are_searched_in_place(tmp_path):
   codes = np.random.default_rng(2).integers(0, 256, (1000, 8), dtype=np.uint8)
   np.save(tmp_path / "codes.npy", codes)

@@ -89,8 +89,6 @@ def test_relative_workdir_is_recorded_absolute_and_reopens(indexed, monkeypatch)
   assert encoding._absolute("gs://bucket/w/checkpoints") == "gs://bucket/w/checkpoints"
 
 
-@pytest.mark.xfail(strict=True, reason="on the shared model's varied codes a k=10 search of the multihash or ivf "
-                   "index returns fewer than 10 hits")
 def test_other_kinds_give_true_distances_and_exact_radius(indexed, tmp_path):
   flat = hamming_index.HammingIndex.open(indexed["out"])
   queries = flat.codes_of(np.arange(0, len(flat), 151))
@@ -136,7 +134,7 @@ def test_incremental_add_change_delete(indexed, tmp_path):
         images.decode(str(src / p)))[None]))[0]
     np.testing.assert_array_equal(after.codes_of([i])[0], want, err_msg=p)
   assert after.item(paths.index(os.path.join("new", "a.png")))["label"] == "new"
-  assert len(os.listdir(out)) == 4  # index.json and one version of each file; no staging left
+  assert len(os.listdir(out)) == 3  # index.json and one version of the codes and items; no staging left
   third = index_build.build(indexed["encoder"], str(src), out, progress=False)
   assert third["build"]["encoded"] == 0
 
@@ -363,6 +361,7 @@ def test_decode_bytes_shares_decode(tmp_path):
     images.decode_bytes(b"nope", "upload.bin")
 
 
+@pytest.mark.slow
 def test_stable_order_fixes_faiss_tie_order():
   """faiss returns some of the items tied at the k-th distance in its own order; search returns top_indices'."""
   rng = np.random.default_rng(0)

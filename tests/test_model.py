@@ -103,6 +103,7 @@ def test_from_config_and_model_config():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_jit_train_and_eval(dtype):
   model = hybridhash_tiny32(drop_path_rate=0.5, dtype=dtype)
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
@@ -130,6 +131,7 @@ def test_bfloat16_compute_stays_close_to_float32(golden):
   assert 1e-6 < d_codes < 0.02 and d_feats < 0.15
 
 
+@pytest.mark.slow
 def test_init_follows_the_reference():
   model = hybridhash_tiny112()
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 112, 112, 3)))["params"]
@@ -165,6 +167,7 @@ def _tiny_with_grads(**switches):
   return np.asarray(codes), grads
 
 
+@pytest.mark.slow
 def test_xla_attention_equals_the_einsum_attention():
   codes, grads = _tiny_with_grads()
   xla_codes, xla_grads = _tiny_with_grads(attention="xla")
@@ -173,6 +176,7 @@ def test_xla_attention_equals_the_einsum_attention():
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.slow
 def test_remat_keeps_outputs_and_gradients(remat):
   codes, grads = _tiny_with_grads()
   r_codes, r_grads = _tiny_with_grads(remat=remat)

@@ -75,6 +75,7 @@ def test_signals_are_logged_with_the_loss(trained):
   assert len({r["mean_abs_u"] for r in rows}) > 1  # measured at each step
 
 
+@pytest.mark.slow
 def test_prefill_bank_holds_the_models_codes_of_the_training_set(tmp_path):
   config = tiny_config(**{"loss.bank_init": "codes", "loss.memory_bank_size": 250})
   splits = input_pipeline.build_splits(config, str(tmp_path))

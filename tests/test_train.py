@@ -23,6 +23,7 @@ from hybridhash_jax import train
 from tests import data_fixtures
 from tests.helpers import REPO, TINY, cli_env, logged_losses, main_cmd, restore_state, run_main, tiny_config
 
+@pytest.mark.slow
 def test_one_step_on_four_devices_equals_one_device(tmp_path):
   config = tiny_config()
   splits = input_pipeline.build_splits(config, str(tmp_path))
@@ -49,6 +50,7 @@ def test_one_step_on_four_devices_equals_one_device(tmp_path):
   assert np.abs(b1).sum() > 0  # the bank was written
 
 
+@pytest.mark.slow
 def test_fast_compiled_init_equals_the_default_compile(tmp_path, monkeypatch):
   """The init is compiled at a lower LLVM level on CPU for speed; its params, optimiser state, bank and
   rng are the default compile's, bit for bit (a one-level model keeps the default compile short)."""
@@ -64,6 +66,7 @@ def test_fast_compiled_init_equals_the_default_compile(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_fsdp_sharding_matches_replicated(tmp_path):
   """With a threshold the tiny model's larger leaves pass, FSDP really splits params and optimiser state,
   and a few steps give the losses and params of the replicated run."""
@@ -166,6 +169,7 @@ def test_wrong_checkpoint_is_refused_naming_the_field(trained, tmp_path):
     evaluate.evaluate_checkpoint(trained.config_with(**{"model.token_layout": "spatial"}), workdir)
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(trained, tmp_path, monkeypatch):
   workdir = _copy(trained, tmp_path)
   good_step, good_params, _ = restore_state(workdir)
@@ -201,6 +205,7 @@ def test_init_checkpoint_seeds_params_only(trained, tmp_path):
     np.testing.assert_array_equal(a, b)  # ...starting from the given params
 
 
+@pytest.mark.slow
 def test_init_checkpoint_of_another_code_length_seeds_all_but_the_hash_layer(trained, tmp_path):
   _, params_a, _ = restore_state(trained.workdir)  # 16 bits
   init = str(trained.workdir / "checkpoints")
@@ -246,6 +251,7 @@ def test_missing_init_checkpoint_is_named_with_the_recipe(tmp_path):
   assert not (tmp_path / "nope").exists()
 
 
+@pytest.mark.slow
 def test_skipped_training_images_leave_the_bank_pairs(tmp_path, monkeypatch):
   """The check's bad training rows form no pair; rows past the training set (the reference's zero
   rows, loss.memory_bank_size larger than it) still do."""

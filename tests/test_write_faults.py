@@ -67,10 +67,10 @@ def test_a_full_disk_is_a_write_error_naming_the_file_and_the_old_file_stays(sma
 
 @pytest.mark.parametrize("code", [errno.EIO, errno.EACCES])
 def test_other_os_errors_name_the_file_too(tmp_path, monkeypatch, code):
-  def fail(self, data):
+  def fail(self, *args, **kwargs):
     raise OSError(code, os.strerror(code))
 
-  monkeypatch.setattr(type(epath.Path(tmp_path)), "write_bytes", fail)
+  monkeypatch.setattr(type(epath.Path(tmp_path)), "open", fail)
   with pytest.raises(errors.WriteError, match=f"cannot write {tmp_path / 'x.png'}: {os.strerror(code)}$"):
     files.write_bytes(tmp_path / "x.png", b"png")
 
