@@ -12,7 +12,7 @@ import pytest
 from hybridhash_jax import checkpoints
 from hybridhash_jax import cli
 from hybridhash_jax import demo
-from hybridhash_jax import hamming_index
+from hybridhash_jax import index_build
 from hybridhash_jax import metric_writer
 from hybridhash_jax import train
 from tests import helpers
@@ -102,7 +102,7 @@ def test_sigint_during_index_build_keeps_the_staged_chunks_and_a_rerun_resumes(t
          f"--images={served.root}", f"--index={out}", "--chunk=8"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=f"{slow}{os.pathsep}{REPO}")
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  staging = out / hamming_index.STAGING
+  staging = out / index_build.STAGING
   deadline = time.time() + 300
   while len(list(staging.glob("*.npz"))) < 2:
     assert proc.poll() is None and time.time() < deadline, proc.communicate()
