@@ -39,3 +39,14 @@ class MetricWriter:
     if self._active:
       self._jsonl.close()
       self._tb.close()
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    """Closes the files on every exit; a close that fails while an error is raised (a full disk) does not hide it."""
+    try:
+      self.close()
+    except OSError:
+      if exc_type is None:
+        raise

@@ -208,16 +208,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate_training(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  with workdir_lock.held(workdir):
-    return _train_and_evaluate(config, workdir, splits)
+  with workdir_lock.held(workdir), metric_writer.MetricWriter(workdir) as writer:
+    return _train_and_evaluate(config, workdir, splits, writer)
 
 
-def _train_and_evaluate(config, workdir: str, splits) -> dict:
+def _train_and_evaluate(config, workdir: str, splits, writer: metric_writer.MetricWriter) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   local_batch = sharding.local_batch_size(config.batch_size, mesh, "batch_size")
   splits = splits or input_pipeline.build_splits(config, workdir)
   setup = build(config, splits, mesh)
-  writer = metric_writer.MetricWriter(workdir)
   logging.info("Mesh %s; %d train images, %d steps/epoch, %d steps.", dict(mesh.shape), len(splits.train),
                setup.steps_per_epoch, setup.total_steps)
 
@@ -310,5 +309,4 @@ def _train_and_evaluate(config, workdir: str, splits) -> dict:
   if results.get("step") != step:
     results = evaluator.run(state.params, splits, step, workdir, results, writer)
   mngr.close()
-  writer.close()
   return results

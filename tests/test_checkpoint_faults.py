@@ -7,7 +7,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -107,10 +106,11 @@ _ASYNCIO_ECHOES = pytest.mark.xfail(strict=False, reason="asyncio's echoes of a 
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny run with steps 4 and 8, trained once; each test damages its own copy."""
-  workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(helpers.tiny_config(num_train_steps=8), str(workdir))
+def run(trained, tmp_path_factory):
+  """The session's trained run without its last step: steps 4 and 8 of 12. Each test damages its own copy."""
+  workdir = tmp_path_factory.mktemp("run") / "w"
+  shutil.copytree(trained.workdir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "12")
   return workdir
 
 
@@ -164,63 +164,65 @@ def test_a_bug_is_not_taken_for_damage(copy):
   assert not isinstance(e.value, errors.CheckpointError)
 
 
-def _resume(workdir, monkeypatch, caplog, steps=8):
+def _resume(workdir, config, monkeypatch, caplog):
   _no_eval(monkeypatch)
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(helpers.tiny_config(num_train_steps=steps), str(workdir))
+    train.train_and_evaluate(config, str(workdir))
   return [r.getMessage() for r in caplog.records]
 
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k == "flipped" else pytest.mark.slow) for k in DAMAGE])
-def test_resume_sets_the_unreadable_step_aside_and_continues_from_the_one_before(run, copy, kind, monkeypatch,
-                                                                                 caplog):
+@pytest.mark.parametrize("kind", DAMAGE)
+@pytest.mark.slow
+def test_resume_sets_the_unreadable_step_aside_and_continues_from_the_one_before(trained, run, copy, kind,
+                                                                                 monkeypatch, caplog):
   ckpt = copy / "checkpoints"
   DAMAGE[kind](ckpt / "8")
-  logs = _resume(copy, monkeypatch, caplog)
+  logs = _resume(copy, trained.config, monkeypatch, caplog)
   warnings = [m for m in logs if "unreadable" in m]
   assert len(warnings) == 1 and warnings[0].startswith("Checkpoint step 8 is unreadable (")
   assert f"{ckpt / '8' / DAMAGED_ITEM[kind]}: " in warnings[0]
   assert f"Resumed from {ckpt} at step 4." in logs
   aside = [p.name for p in ckpt.iterdir() if p.name.startswith("8.unreadable-")]
   assert len(aside) == 1 and (ckpt / aside[0] / "params").exists() is (kind != "marker_only")  # kept, not deleted
-  # Steps 5-8 trained again from step 4: the same params as the first time.
-  _, again, _ = helpers.restore_state(copy, 8)
-  _, first, _ = helpers.restore_state(run, 8)
-  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(first)):
-    np.testing.assert_array_equal(a, b)
+  # Steps 5-12 trained again from step 4: the same params as the first time.
+  for step in (8, 12):
+    _, again, _ = helpers.restore_state(copy, step)
+    _, first, _ = helpers.restore_state(trained.workdir, step)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(first)):
+      np.testing.assert_array_equal(a, b)
 
 
-def test_resume_with_no_readable_step_lists_them_and_moves_nothing(copy, monkeypatch, caplog):
+def test_resume_with_no_readable_step_lists_them_and_moves_nothing(trained, copy, monkeypatch, caplog):
   ckpt = copy / "checkpoints"
   _truncated(ckpt / "8")
   _metadata(ckpt / "4")
   with pytest.raises(errors.CheckpointError) as e:
-    _resume(copy, monkeypatch, caplog)
+    _resume(copy, trained.config, monkeypatch, caplog)
   message = str(e.value)
   assert message.startswith(f"no readable checkpoint in {ckpt}: step 8: {ckpt / '8' / 'params'}: ")
   assert f"; step 4: {ckpt / '4' / 'params'}: UnicodeDecodeError" in message and "\n" not in message
   assert sorted(p.name for p in ckpt.iterdir()) == ["4", "8"]
 
 
-def test_a_config_of_another_run_is_refused_not_set_aside(copy, monkeypatch, caplog):
+def test_a_config_of_another_run_is_refused_not_set_aside(trained, copy, monkeypatch, caplog):
   with pytest.raises(errors.ConfigError, match=r"model\.bits"):
     _no_eval(monkeypatch)
-    train.train_and_evaluate(helpers.tiny_config(num_train_steps=8, **{"model.bits": 32}), str(copy))
+    train.train_and_evaluate(trained.config_with(**{"model.bits": 32}), str(copy))
   assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["4", "8"]
 
 
-def _main(workdir, *overrides):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
-  return subprocess.run([sys.executable, "-m", "hybridhash_jax.main", f"--config={helpers.TINY}",
-                         f"--workdir={workdir}", *[f"--config.{o}" for o in overrides]],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def _main(workdir, trained, *overrides):
+  """`main` on one device with the config of the session's trained run."""
+  cmd = helpers.main_cmd(workdir, *helpers.trained_flags(), f"init_checkpoint={trained.config.init_checkpoint}",
+                         *overrides)
+  return subprocess.run(cmd, cwd=helpers.REPO, env=helpers.cli_env(1), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 @_ASYNCIO_ECHOES
-def test_eval_only_on_an_unreadable_step_is_one_error_line(copy):
+def test_eval_only_on_an_unreadable_step_is_one_error_line(trained, copy):
   _flipped_header(copy / "checkpoints" / "8")
-  proc = _main(copy, "eval_only=True")
+  proc = _main(copy, trained, "eval_only=True")
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   errors_ = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -231,9 +233,9 @@ def test_eval_only_on_an_unreadable_step_is_one_error_line(copy):
 
 @pytest.mark.slow
 @_ASYNCIO_ECHOES
-def test_a_resumed_run_warns_once_without_traces(copy):
+def test_a_resumed_run_warns_once_without_traces(trained, copy):
   _flipped_header(copy / "checkpoints" / "8")
-  proc = _main(copy, "num_train_steps=8")
+  proc = _main(copy, trained)
   assert proc.returncode == 0, proc.stderr
   assert "Traceback" not in proc.stderr
   assert sum("unreadable" in line for line in proc.stderr.splitlines()) == 1

@@ -229,6 +229,7 @@ def cifar_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOL_SIZES))
+@pytest.mark.slow
 def test_cifar10_pipeline_per_protocol(cifar_root, tmp_path, protocol):
   c = load("cifar10", f"runlocal,source=archive,protocol={protocol}")
   c.data.root = cifar_root

@@ -88,6 +88,7 @@ def nest_setup():
   return model, sd, init
 
 
+@pytest.mark.slow
 def test_nest_import_loads_exactly_the_shared_tensors(nest_setup, caplog):
   model, sd, init = nest_setup
   params, report = convert.import_state_dict(sd, model, "nest", init)
@@ -111,6 +112,7 @@ def test_nest_import_loads_exactly_the_shared_tensors(nest_setup, caplog):
   assert "hashlayer_train.conv2.weight" in caplog.text
 
 
+@pytest.mark.slow
 def test_nest_import_needs_init_and_matching_widths(nest_setup):
   model, sd, init = nest_setup
   with pytest.raises(ValueError, match="init_params"):
@@ -119,6 +121,7 @@ def test_nest_import_needs_init_and_matching_widths(nest_setup):
     convert.import_state_dict(sd, hybridhash_tiny32(depths=MODEL_DEPTHS), "nest", init)
 
 
+@pytest.mark.slow
 def test_nest_params_round_trip_strict(nest_setup, tmp_path):
   model, sd, init = nest_setup
   params, _ = convert.import_state_dict(sd, model, "nest", init)
@@ -127,6 +130,7 @@ def test_nest_params_round_trip_strict(nest_setup, tmp_path):
   _equal_trees(convert.load_torch_weights(path, model, "strict"), params)
 
 
+@pytest.mark.slow
 def test_official_nest_flax_checkpoint(nest_setup, tmp_path):
   model, sd, init = nest_setup
   tree = fixtures_nest.state_dict_to_nest_flax(sd, NEST_HEADS, NEST_DEPTHS)
@@ -140,6 +144,7 @@ def test_official_nest_flax_checkpoint(nest_setup, tmp_path):
   np.testing.assert_array_equal(np.asarray(run(from_flax)), np.asarray(run(from_torch)))
 
 
+@pytest.mark.slow
 def test_official_attention_math_matches_ours(nest_setup):
   """The official MultiHeadAttention, re-derived in NumPy from its Flax leaves, equals our
   Attention with the converted qkv/proj: this pins the head split and head-minor merge."""

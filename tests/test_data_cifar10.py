@@ -59,6 +59,7 @@ def _check_protocol(splits, protocol):
 
 
 @pytest.mark.parametrize("protocol", sorted(EXPECTED))
+@pytest.mark.slow
 def test_protocols_on_python_archive(py_archive, protocol):
   splits = input_pipeline.build_splits(_config(protocol, root=py_archive))
   _check_protocol(splits, protocol)
@@ -69,6 +70,7 @@ def test_protocols_on_python_archive(py_archive, protocol):
   np.testing.assert_array_equal(rec["image"], data_fixtures.cifar_images()[0][row])
 
 
+@pytest.mark.slow
 def test_binary_archive_reads_as_python_one(py_archive, tmp_path):
   root = data_fixtures.write_cifar(str(tmp_path), "bin")
   images, classes = cifar10.load_archive(root)
@@ -80,6 +82,7 @@ def test_binary_archive_reads_as_python_one(py_archive, tmp_path):
     np.testing.assert_array_equal(_rows(getattr(a, k)), _rows(getattr(b, k)))
 
 
+@pytest.mark.slow
 def test_python_tar_archive(tmp_path):
   images, classes = cifar10.load_archive(data_fixtures.write_cifar(str(tmp_path), "py", as_tar=True))
   ref_images, ref_classes = data_fixtures.cifar_images()

@@ -86,6 +86,7 @@ def evaluated(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["pr_curve.json", "retrieval_grid.png", "results.json"])
+@pytest.mark.slow
 def test_a_failed_eval_write_keeps_the_previous_file(evaluated, monkeypatch, name):
   workdir, evaluator, splits, other = evaluated
   before = (workdir / "eval" / name).read_bytes()
@@ -104,6 +105,7 @@ def test_a_failed_eval_write_keeps_the_previous_file(evaluated, monkeypatch, nam
   assert evaluate.load_history(str(workdir))["step"] == 4  # what a resumed run reads back
 
 
+@pytest.mark.slow
 def test_every_workdir_file_goes_through_epath(tmp_path):
   """What the run writes itself (not orbax's checkpoints nor tensorboardX's events) uses etils.epath,
   so a gs:// workdir works: every such file was opened through epath's (here recording) backend."""

@@ -75,6 +75,7 @@ def test_cli_search_table_json_grid_and_id(indexed, capsys, tmp_path):
   assert out.startswith("query 3:") and " 3    0 " in out
 
 
+@pytest.mark.slow
 def test_relative_workdir_is_recorded_absolute_and_reopens(indexed, monkeypatch):
   """An index built from `--workdir=rel` must reopen its encoder from anywhere: the path is made absolute."""
   workdir = pathlib.Path(indexed["workdir"])
@@ -89,6 +90,7 @@ def test_relative_workdir_is_recorded_absolute_and_reopens(indexed, monkeypatch)
   assert encoding._absolute("gs://bucket/w/checkpoints") == "gs://bucket/w/checkpoints"
 
 
+@pytest.mark.slow
 def test_other_kinds_give_true_distances_and_exact_radius(indexed, tmp_path):
   flat = hamming_index.HammingIndex.open(indexed["out"])
   queries = flat.codes_of(np.arange(0, len(flat), 151))
@@ -248,7 +250,7 @@ def test_exported_encoder_gives_the_codes_and_builds_the_same_index(indexed, exp
   encode, _ = exported.load(path)
   codes = np.asarray(encode(views))
   np.testing.assert_array_equal(codes >= 0, want >= 0)
-  np.testing.assert_allclose(codes, want, rtol=1e-5, atol=1e-6)  # one device against four
+  np.testing.assert_allclose(codes, want, rtol=1e-5, atol=1e-5)  # one device against four
   # `--encoder=PATH` builds the same index as the checkpoint.
   small = tmp_path / "imgs"
   copy_images(indexed["root"] / "db", small, sorted((indexed["root"] / "db").rglob("*.png"))[:20])
@@ -271,7 +273,7 @@ def test_exported_encoder_without_flax_gives_the_codes(exported_encoder, tmp_pat
   assert proc.returncode == 0, proc.stderr
   codes = np.load(tmp_path / "codes.npy")
   np.testing.assert_array_equal(codes >= 0, want >= 0)
-  np.testing.assert_allclose(codes, want, rtol=1e-5, atol=1e-6)  # one device against four
+  np.testing.assert_allclose(codes, want, rtol=1e-5, atol=1e-5)  # one device against four
 
 
 def test_export_parquet_and_npy_round_trip(indexed, tmp_path, capsys):

@@ -48,7 +48,7 @@ def test_epochs_are_fresh_permutations(folder_config):
   assert not np.array_equal(other["index"], batches[0]["index"])
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: a worker process
 def test_resume_from_saved_state(folder_config, tmp_path, workers):
   splits = input_pipeline.build_splits(folder_config)
   make = lambda s: iter(input_pipeline.train_loader(folder_config, s, seed=0, local_batch_size=5,
@@ -68,7 +68,7 @@ def test_resume_from_saved_state(folder_config, tmp_path, workers):
   _assert_batches_equal(_take(plain, 3), reference[4:])
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_two_processes_split_the_global_batch(folder_config, workers):
   splits = input_pipeline.build_splits(folder_config)
   one = _take(iter(input_pipeline.train_loader(folder_config, splits, seed=0, local_batch_size=6,
@@ -84,7 +84,8 @@ def test_two_processes_split_the_global_batch(folder_config, workers):
       np.testing.assert_array_equal(merged[k][order], g[k][ref_order], err_msg=k)
 
 
-@pytest.mark.parametrize("process_count,local_batch,workers", [(1, 4, 0), (2, 3, 0), (3, 2, 1)])
+@pytest.mark.parametrize("process_count,local_batch,workers",
+                         [(1, 4, 0), (2, 3, 0), pytest.param(3, 2, 1, marks=pytest.mark.slow)])
 def test_eval_covers_every_example_once(folder_config, process_count, local_batch, workers):
   folder_config.data.num_workers = workers
   splits = input_pipeline.build_splits(folder_config)

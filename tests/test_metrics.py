@@ -57,10 +57,16 @@ CASES = [  # seed, queries, database, bits, classes, multi-label, top_k, chunk
     (9, 6, 300, 40, 4, True, 25, 4),  # two code words
     (10, 5, 200, 64, 3, False, None, 5),
 ]
+FAST_CASE = CASES[6]  # two code words, a cutoff, multi-label: the fast tier's one compile of the sort kernel
 
 
-@pytest.mark.parametrize("kernel", metrics.KERNELS)
-@pytest.mark.parametrize("seed,nq,ndb,bits,classes,multi,top_k,chunk", CASES)
+def _case_params(cases, kernels=metrics.KERNELS):
+  """(case..., kernel) params; each sort-kernel case but `FAST_CASE` compiles anew, so only the slow tier runs it."""
+  return [pytest.param(*c, k, marks=pytest.mark.slow if k == "sort" and c != FAST_CASE else ())
+          for c in cases for k in kernels]
+
+
+@pytest.mark.parametrize("seed,nq,ndb,bits,classes,multi,top_k,chunk,kernel", _case_params(CASES))
 @pytest.mark.parametrize("long_cutoff", [True, False])  # with it, every item can count; without, ranks stop at K
 def test_matches_numpy_reference(seed, nq, ndb, bits, classes, multi, top_k, chunk, kernel, long_cutoff):
   q, db, ql, dbl = _data(seed, nq, ndb, bits, classes, multi)
@@ -123,7 +129,8 @@ def test_packed_codes_and_class_ids_give_the_same_counts():
 
 
 @pytest.mark.parametrize("kernel", metrics.KERNELS)
-@pytest.mark.parametrize("devices,ndb", [(2, 777), (4, 777), (4, 40)])  # 40: the last shards are all padding
+# 40: the last shards are all padding
+@pytest.mark.parametrize("devices,ndb", [pytest.param(2, 777, marks=pytest.mark.slow), (4, 777), (4, 40)])
 def test_sharded_database_matches_reference(devices, ndb, kernel):
   q, db, ql, dbl = _data(5, 11, ndb, 10, 5, True)
   mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
@@ -166,7 +173,8 @@ def test_one_tie_group_across_blocks_ranks_by_index(kernel):
   np.testing.assert_array_equal(got["hits_at_cutoffs"][0], [1, 1, 43])
 
 
-@pytest.mark.parametrize("seed,nq,ndb,bits,classes,multi,top_k,chunk", CASES)
+@pytest.mark.parametrize("seed,nq,ndb,bits,classes,multi,top_k,chunk",
+                         [c if c == FAST_CASE else pytest.param(*c, marks=pytest.mark.slow) for c in CASES])
 def test_sort_kernel_equals_host_kernel(seed, nq, ndb, bits, classes, multi, top_k, chunk):
   # Every count is equal; the APs differ at most by float32 summation order.
   q, db, ql, dbl = _data(seed, nq, ndb, bits, classes, multi)

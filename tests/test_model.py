@@ -34,6 +34,7 @@ def test_golden_parity(golden):
   assert d_codes <= 1e-4 and d_feats <= 1e-4
 
 
+@pytest.mark.slow
 def test_spatial_token_layout_changes_the_output(golden):
   params, x, codes_ref, _ = golden
   codes, _ = _run(hybridhash_tiny112(token_layout="spatial"), params, x)
@@ -41,6 +42,7 @@ def test_spatial_token_layout_changes_the_output(golden):
 
 
 @pytest.mark.parametrize("quirk", ["tanh_gelu", "tf_same_pool"])
+@pytest.mark.slow
 def test_each_quirk_matters(golden, monkeypatch, quirk):
   params, x, codes_ref, feats_ref = golden
   if quirk == "tanh_gelu":
@@ -121,6 +123,7 @@ def test_jit_train_and_eval(dtype):
       np.asarray(jax.jit(lambda p, x: no_drop.apply({"params": p}, x, train=True))(params, x)), e)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32(golden):
   params, x, codes_ref, feats_ref = golden
   codes, feats = _run(hybridhash_tiny112(dtype="bfloat16"), params, x)
@@ -202,7 +205,8 @@ def test_attention_and_remat_are_not_checked_model_fields():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("shape", [(2, 7, 7, 3), (1, 8, 6, 2), (1, 1, 1, 1), (1, 2, 3, 1)])
+@pytest.mark.parametrize("shape", [(2, 7, 7, 3), *(pytest.param(s, marks=pytest.mark.slow)
+                                                   for s in [(1, 8, 6, 2), (1, 1, 1, 1), (1, 2, 3, 1)])])
 def test_max_pool_and_its_gradient_equal_reduce_window(shape, dtype):
   # Many ties (values in {0, 1, 2}); integer cotangents make every sum exact, so routing is compared exactly.
   ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

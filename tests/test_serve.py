@@ -263,6 +263,7 @@ def test_batcher_hands_errors_to_each_request():
   assert [str(e) for e in asyncio.run(go())] == ["encode failed"] * 3
 
 
+@pytest.mark.slow
 def test_concurrent_uploads_share_batches(served):
   """Over real HTTP: 16 uploads at once are encoded in fewer batches, and each gets its own result."""
   app = webapp.create_app(served.index, served.encoder, batch_window_s=0.05, max_batch=8)

@@ -74,7 +74,7 @@ def _screenshot(driver, tmp_path, name: str) -> None:
     shutil.copy(path, os.environ["HYBRIDHASH_ARTIFACTS"])
 
 
-@pytest.mark.parametrize("device", WIDTHS)
+@pytest.mark.parametrize("device", [pytest.param("phone", marks=pytest.mark.slow), "desktop"])
 def test_link_click_random_and_upload(url, served, tmp_path, device):
   driver = _browser(*WIDTHS[device])
   try:

@@ -134,6 +134,7 @@ def _aborted_uploads_leave_nothing(served, n: int, rss_growth_mb: float | None) 
       logging.getLogger("uvicorn.error").removeHandler(errors)
 
 
+@pytest.mark.slow
 def test_aborted_uploads_leave_nothing(served):
   """Over real HTTP: uploads cut off mid-body free their slot and files and log no traceback."""
   _aborted_uploads_leave_nothing(served, 30, None)

@@ -271,6 +271,7 @@ def test_skipped_training_images_leave_the_bank_pairs(tmp_path, monkeypatch):
   np.testing.assert_array_equal(seen[0], np.arange(20) != 3)  # the step hands the mask to the loss
 
 
+@pytest.mark.slow
 def test_an_error_after_training_began_saves_a_checkpoint_first(tmp_path, monkeypatch):
   from hybridhash_jax.data import images
 

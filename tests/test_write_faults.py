@@ -76,10 +76,10 @@ def test_other_os_errors_name_the_file_too(tmp_path, monkeypatch, code):
 
 
 def test_a_metrics_line_on_a_full_disk(small_disk):
-  writer = metric_writer.MetricWriter(str(small_disk))
-  writer.write(1, {"loss": 1.0})
-  _fill(small_disk)
   with pytest.raises(errors.WriteError, match=f"cannot write {small_disk}/(metrics.jsonl|tensorboard): "
                                              "No space left on device$"):
-    for step in range(2, 10_000):  # until a buffer is flushed
-      writer.write(step, {"loss": 1.0, "pad": 0.0})
+    with metric_writer.MetricWriter(str(small_disk)) as writer:  # its close on the full disk hides nothing
+      writer.write(1, {"loss": 1.0})
+      _fill(small_disk)
+      for step in range(2, 10_000):  # until a buffer is flushed
+        writer.write(step, {"loss": 1.0, "pad": 0.0})
