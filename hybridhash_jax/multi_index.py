@@ -26,6 +26,7 @@ values enumerated against the candidates checked.
 """
 
 import math
+import mmap
 
 import numba
 import numpy as np
@@ -39,6 +40,13 @@ from hybridhash_jax.host_ranking import popcount
 _LOOKUPS = 64
 # A build sorts by the high bits first into 2^10 runs: as many write positions as L2 holds lines.
 _PARTITION_BITS = 10
+
+
+def _fresh(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """An uninitialised array in shared anonymous memory: on the virtual machines measured, first touching
+  shared pages costs a tenth of what private ones (numpy's) do, which dominated a build's time."""
+  size = math.prod(shape) * np.dtype(dtype).itemsize
+  return np.frombuffer(mmap.mmap(-1, max(size, 1)), dtype, math.prod(shape)).reshape(shape)
 
 
 def num_tables(bits: int, n: int) -> int:
@@ -67,56 +75,67 @@ def _key(flat, width, item, first, length):
 def _build(flat, width, n, subs, parts, offsets, ids, table_codes):
   """Fills each table by a stable counting sort of the items by substring value (ids ascending in a
   bucket), the codes beside their ids, in two passes that each write where the cache holds it:
-  first by the value's high bits into `_PARTITIONS` runs (the items cut in `parts`, one a core,
-  each part's first slot in a run following the earlier parts' counts there), then each run by the
-  low bits within its own slots."""
-  tmp_ids, tmp_codes = np.empty(n, ids.dtype), np.empty(n * width, np.uint64)
-  for j in range(len(subs)):
+  first by the value's high `_PARTITION_BITS` into runs (the items cut in `parts`, each part's first
+  slot in a run following the earlier parts' counts there), then each run by the low bits within its
+  own slots. Every pass is split over (table, part) or (table, run) tasks, evenly over the cores."""
+  m, runs = len(subs), 1 << _PARTITION_BITS
+  counts = np.zeros((m, parts, runs), np.int64)
+  for task in numba.prange(m * parts):
+    j, p = task // parts, task % parts
     first, length = subs[j, 0], subs[j, 1]
     low = max(0, length - _PARTITION_BITS)
-    runs = 1 << (length - low)
-    counts = np.zeros((parts, runs), np.int64)
-    for p in numba.prange(parts):
-      for i in range(p * n // parts, (p + 1) * n // parts):
-        counts[p, _key(flat, width, i, first, length) >> low] += 1
-    run_start = np.empty(runs + 1, np.int64)
+    for i in range(p * n // parts, (p + 1) * n // parts):
+      counts[j, p, _key(flat, width, i, first, length) >> low] += 1
+  run_start = np.empty((m, runs + 1), np.int64)
+  for j in range(m):
     total = 0
     for r in range(runs):
-      run_start[r] = total
+      run_start[j, r] = total
       for p in range(parts):
-        count = counts[p, r]
-        counts[p, r] = total
+        count = counts[j, p, r]
+        counts[j, p, r] = total
         total += count
-    run_start[runs] = total
-    for p in numba.prange(parts):
-      for i in range(p * n // parts, (p + 1) * n // parts):
-        r = _key(flat, width, i, first, length) >> low
-        slot = counts[p, r]
-        counts[p, r] = slot + 1
-        tmp_ids[slot] = i
-        for w in range(width):
-          tmp_codes[slot * width + w] = flat[i * width + w]
-    off, tid, tc = offsets[j], ids[j], table_codes[j]
+    run_start[j, runs] = total
+  for task in numba.prange(m * parts):
+    j, p = task // parts, task % parts
+    first, length = subs[j, 0], subs[j, 1]
+    low = max(0, length - _PARTITION_BITS)
+    tid, tc = ids[j], table_codes[j]
+    for i in range(p * n // parts, (p + 1) * n // parts):
+      r = _key(flat, width, i, first, length) >> low
+      slot = counts[j, p, r]
+      counts[j, p, r] = slot + 1
+      tid[slot] = i
+      for w in range(width):
+        tc[slot * width + w] = flat[i * width + w]
+  for task in numba.prange(m * runs):
+    j, r = task // runs, task % runs
+    first, length = subs[j, 0], subs[j, 1]
+    low = max(0, length - _PARTITION_BITS)
+    if r >= 1 << (length - low):  # a table of fewer bits has fewer runs
+      continue
+    a, b = run_start[j, r], run_start[j, r + 1]
+    tid, tc, off = ids[j], table_codes[j], offsets[j]
+    run_ids, run_codes = tid[a:b].copy(), tc[a * width:b * width].copy()
     low_mask = (1 << low) - 1
-    for r in numba.prange(runs):
-      a, b = run_start[r], run_start[r + 1]
-      fill = np.zeros(1 << low, np.int64)
-      for t in range(a, b):
-        fill[_key(tmp_codes, width, t, first, length) & low_mask] += 1
-      total = a
-      for v in range(1 << low):
-        off[(r << low) + v] = total
-        count = fill[v]
-        fill[v] = total
-        total += count
-      for t in range(a, b):
-        v = _key(tmp_codes, width, t, first, length) & low_mask
-        slot = fill[v]
-        fill[v] = slot + 1
-        tid[slot] = tmp_ids[t]
-        for w in range(width):
-          tc[slot * width + w] = tmp_codes[t * width + w]
-    off[1 << length] = n
+    fill = np.zeros(1 << low, np.int64)
+    for t in range(b - a):
+      fill[_key(run_codes, width, t, first, length) & low_mask] += 1
+    total = a
+    for v in range(1 << low):
+      off[(r << low) + v] = total
+      count = fill[v]
+      fill[v] = total
+      total += count
+    for t in range(b - a):
+      v = _key(run_codes, width, t, first, length) & low_mask
+      slot = fill[v]
+      fill[v] = slot + 1
+      tid[slot] = run_ids[t]
+      for w in range(width):
+        tc[slot * width + w] = run_codes[t * width + w]
+  for j in range(m):
+    offsets[j, 1 << subs[j, 1]] = n
 
 
 @numba.njit(nogil=True, cache=True)
@@ -257,8 +276,8 @@ class MultiIndex:
     words = hamming_kernels.words(codes)
     index_type = np.int32 if n < 2**31 else np.int64
     offsets = np.zeros((tables, (1 << int(subs[:, 1].max())) + 1), index_type)
-    ids = np.empty((tables, n), index_type)
-    table_codes = np.empty((tables, n, words.shape[1]), np.uint64)
+    ids = _fresh((tables, n), index_type)
+    table_codes = _fresh((tables, n, words.shape[1]), np.uint64)
     _build(words.reshape(-1), words.shape[1], n, subs, numba.get_num_threads(), offsets, ids,
            table_codes.reshape(tables, -1))
     return cls(codes, bits, subs, offsets, ids, table_codes)
