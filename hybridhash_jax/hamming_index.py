@@ -8,8 +8,9 @@ Layout of an index directory OUT:
   codes-<v>.npy          the packed codes, uint8 (n, bits / 8), row = id (memory-mapped when opened);
   items-<v>.parquet      the item table, when there is one: id, path, label (and, for images, size
                          and mtime_ns; the label is the class-folder name, the first folder of the path);
-  mih-ids-<v>.npy,       multihash: the substring tables of `multi_index` (memory-mapped);
-  mih-offsets-<v>.npy
+  mih-ids-<v>.npy,       multihash: the substring tables of `multi_index` and the codes in each
+  mih-offsets-<v>.npy,   table's order (memory-mapped);
+  mih-codes-<v>.npy
   index-<v>.faiss        ivf: the faiss binary index.
 
 Search: flat indexes with `hamming_kernels`, multihash with `multi_index` (both exact, in the stable
@@ -44,7 +45,7 @@ INDEX_JSON = "index.json"
 KINDS = ("flat", "multihash", "ivf")
 BIT_ORDER = ("bit b of the code is set when code[b] >= 0; byte j holds bits 8j..8j+7, least significant "
              "first (numpy.packbits(code >= 0, bitorder='little'), as metrics.pack_codes)")
-FORMAT = 2
+FORMAT = 3
 # The fields an encoder must share with an index to search it (or to add codes to it).
 ENCODER_FIELDS = ("bits",) + checkpoints.MODEL_FIELDS + ("transform.img_size", "transform.crop")
 
@@ -161,14 +162,20 @@ class HammingIndex:
       except RuntimeError as e:
         raise errors.DataError(f"{paths['faiss']}: corrupt faiss index ({str(e).splitlines()[-1]})") from e
       sizes["faiss"] = searcher.ntotal
-    elif kind == "multihash" and "mih_ids" in paths:
+    elif kind == "multihash" and "mih_codes" in paths:
       ids, offsets = _load_npy(paths["mih_ids"], "table"), _load_npy(paths["mih_offsets"], "table")
+      table_codes = _load_npy(paths["mih_codes"], "table")
       subs = np.asarray(info["params"]["substrings"], np.int64)
-      if ids.shape != (len(subs), count) or offsets.shape[0] != len(subs):
-        raise errors.DataError(f"{paths['mih_ids']}: tables of another index ({ids.shape}, {len(subs)} substrings)")
-      searcher = multi_index.MultiIndex(codes, bits, subs, offsets, ids)
-    elif kind == "multihash":  # format 1 (a faiss file): the tables are built in memory
-      searcher = multi_index.MultiIndex.build(codes, bits)
+      for name, array, shape in (("mih_ids", ids, (len(subs), count)),
+                                 ("mih_codes", table_codes, (len(subs), count, -(-bits // 64)))):
+        if array.shape != shape:
+          raise errors.DataError(f"{paths[name]}: tables of another index ({array.shape}, {len(subs)} substrings)")
+      if offsets.shape[0] != len(subs):
+        raise errors.DataError(f"{paths['mih_offsets']}: tables of another index ({offsets.shape}, {len(subs)} "
+                               "substrings)")
+      searcher = multi_index.MultiIndex(codes, bits, subs, offsets, ids, table_codes)
+    elif kind == "multihash":  # formats 1 and 2 (no codes in table order): the tables are built in memory
+      searcher = multi_index.MultiIndex.build(codes, bits, info.get("params", {}).get("tables"))
     for name, n in sizes.items():
       if n != count:
         raise errors.DataError(f"{paths[name]}: holds {n} items but {INDEX_JSON} says {count}")

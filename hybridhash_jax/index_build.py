@@ -80,9 +80,9 @@ def write_version(out: str, codes: np.ndarray, table, info: dict, kind: str, nha
     names["items"] = f"items-{version}.parquet"
     files.write_stream(os.path.join(out, names["items"]), lambda f: pq.write_table(table, f))
   if kind == "multihash":
-    names.update(mih_ids=f"mih-ids-{version}.npy", mih_offsets=f"mih-offsets-{version}.npy")
-    _save_npy(os.path.join(out, names["mih_ids"]), index.ids)
-    _save_npy(os.path.join(out, names["mih_offsets"]), index.offsets)
+    for name, array in (("ids", index.ids), ("offsets", index.offsets), ("codes", index.table_codes)):
+      names[f"mih_{name}"] = f"mih-{name}-{version}.npy"
+      _save_npy(os.path.join(out, names[f"mih_{name}"]), array)
   elif kind == "ivf":
     names["faiss"] = f"index-{version}.faiss"
     files.write_bytes(os.path.join(out, names["faiss"]), faiss.serialize_index_binary(index).tobytes())

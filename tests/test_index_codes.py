@@ -32,12 +32,13 @@ def test_build_from_codes_opens_mapped_and_searches_exactly(codes_file, tmp_path
   info = index_build.build_from_codes(str(root / "codes.npy"), str(tmp_path), kind=kind,
                                       items=str(root / "items.parquet"))
   assert info["count"] == 3000 and info["bits"] == 64 and info["build"]["codes_per_s"] > 0
-  assert set(info["files"]) == {"codes", "items"} | {"multihash": {"mih_ids", "mih_offsets"}, "ivf": {"faiss"}}.get(
-      kind, set())
+  kind_files = {"multihash": {"mih_ids", "mih_offsets", "mih_codes"}, "ivf": {"faiss"}}.get(kind, set())
+  assert set(info["files"]) == {"codes", "items"} | kind_files
   index = hamming_index.HammingIndex.open(str(tmp_path))
   assert isinstance(index.codes, np.memmap) and isinstance(index._items, pq.ParquetFile)  # nothing read whole yet
   if kind == "multihash":
-    assert isinstance(index.searcher.ids, np.memmap) and index.searcher.tables == info["params"]["tables"]
+    assert isinstance(index.searcher.ids, np.memmap) and isinstance(index.searcher.table_codes, np.memmap)
+    assert index.searcher.tables == info["params"]["tables"]
   np.testing.assert_array_equal(index.codes, codes)
   hits = index.search(codes[:5], k=20)
   assert hits[0][0].path == f"img/{hits[0][0].id}.jpg" and hits[0][0].label == str(hits[0][0].id % 7)
