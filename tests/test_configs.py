@@ -187,6 +187,7 @@ def _paths(params) -> set[str]:
   return {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
 
 
+@pytest.mark.slow
 def test_ablation_switches_change_the_model():
   params = _paths(abstract_params(load("cifar10", "runlocal")))
   no_inter = _paths(abstract_params(load("cifar10", "runlocal,interaction=False")))

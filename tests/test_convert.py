@@ -167,6 +167,7 @@ def test_official_attention_math_matches_ours(nest_setup):
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_a_checkpoint(golden_sd, tmp_path):
   out = tmp_path / "ckpt"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}

@@ -192,6 +192,7 @@ def test_missing_list_and_empty_class_folder(listset, tmp_path):
     input_pipeline.build_splits(_config("folder", folder, num_classes=-1, query_per_class=1, train_per_class=1))
 
 
+@pytest.mark.slow
 def test_bad_image_errors_at_first_read_in_a_worker(listset):
   root, rows = listset
   with open(os.path.join(root, rows["train"][2][0]), "wb") as f:
