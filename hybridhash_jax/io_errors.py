@@ -3,12 +3,15 @@ that the raised error already states once (orbax's logs, interpreter-level "Exce
 """
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging as pylogging
 import os
 import re
 import sys
+import threading
+import time
 
 from absl import logging
 
@@ -43,27 +46,55 @@ _SETTLE_S = 60.0  # the longest a closing loop waits for its reads
 
 
 class _SettlingLoop(asyncio.SelectorEventLoop):
-  """An event loop that closes once its tasks are done.
+  """An event loop that closes once its tasks are done, and counts damaged or unwritable files among the
+  failures that someone reported.
 
   Orbax runs each restore and save on a fresh loop and closes it when the first of its gathered reads
-  fails, with the others still in flight: their tensorstore callbacks then land on the closed loop
-  ("Event loop is closed", printed from tensorstore's threads) and their failures are reported at
-  exit ("Task exception was never retrieved"). Letting them finish, their failures collected, leaves
-  nothing to report: the raised error states the failure once."""
+  or writes fails, with the others still in flight: their tensorstore callbacks then land on the closed
+  loop ("Event loop is closed", printed from tensorstore's threads), and their failures, which nobody
+  awaits, are reported once more when collected ("Task exception was never retrieved"). Here they
+  finish before the loop closes, and a task that failed on a damaged or unwritable file has its failure
+  retrieved: the raised error states it once. Any other failure is reported as asyncio always does."""
+
+  def __init__(self):
+    super().__init__()
+    self.set_task_factory(self._task)
+
+  @staticmethod
+  def _task(loop, coro, **kwargs) -> asyncio.Task:
+    task = asyncio.Task(coro, loop=loop, **kwargs)
+    task.add_done_callback(_retrieve_file_failure)
+    return task
 
   def close(self) -> None:
     while not (self.is_running() or self.is_closed()) and (pending := asyncio.all_tasks(self)):
-      done, _ = self.run_until_complete(asyncio.wait(pending, timeout=_SETTLE_S))
-      for task in done:
-        if not task.cancelled():
-          task.exception()  # retrieved: not reported again when the task is collected
-      if len(done) < len(pending):  # reads that hang: close anyway, rather than hang the caller
+      _, still = self.run_until_complete(asyncio.wait(pending, timeout=_SETTLE_S))
+      if still:  # reads that hang: close anyway, rather than hang the caller
         break
     super().close()
 
 
+def _retrieve_file_failure(task: asyncio.Task) -> None:
+  e = None if task.cancelled() else task._exception  # noqa: SLF001  # looked at without retrieving it
+  if e is not None and (is_damage(e) or write_failure(e) is not None):
+    task.exception()
+
+
 class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
   _loop_factory = _SettlingLoop
+
+
+def settle_writers(timeout_s: float = _SETTLE_S) -> None:
+  """Waits for orbax's save threads still running (`timeout_s` at most in all).
+
+  A save that fails in one thread is raised by `wait_until_finished` while the threads of its other
+  items still write: left running, they fail at exit ("cannot schedule new futures after interpreter
+  shutdown", with a trace) after the raised error was printed."""
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+      with contextlib.suppress(Exception):  # orbax's join raises the thread's own failure: the one being raised
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Leftovers(pylogging.Filter):
