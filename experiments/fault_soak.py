@@ -153,7 +153,9 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
       kind = rng.choice(DAMAGE)
       _corrupt(run / "checkpoints" / str(done[-1]), kind)
       corruptions.append({"round": r, "step": done[-1], "damage": kind})
-    readable = [s for s in done if not any(c["step"] == s and c["round"] == r for c in corruptions)]
+    # Steps both runs saved (a SIGTERM saves the step it stopped at, which the reference may not have).
+    readable = [s for s in done if not any(c["step"] == s and c["round"] == r for c in corruptions)
+                and (ref / "checkpoints" / str(s)).is_dir()]
     if readable and not _same(_params(run, readable[-1]), _params(ref, readable[-1])):
       mismatches += 1
       notes.append(f"round {r}: step {readable[-1]} differs from the reference")
