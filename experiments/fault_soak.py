@@ -36,10 +36,16 @@ MAP_TOLERANCE = flags.DEFINE_float("map_tolerance", 0.05, "Final mAP difference 
 OUT = flags.DEFINE_string("out", None, "Folder for the workdirs (default: a new temporary folder).")
 
 DAMAGE = ("truncate", "flip_header", "metadata")
+_CACHE = pathlib.Path(tempfile.gettempdir()) / "hybridhash-fault-soak-cache"
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONUNBUFFERED="1")
+  """CPU, one device, and one persistent compilation cache for every run of the soak (filled by the reference
+  run): a round then spends its time training, not compiling the same programs again. The cache holds
+  executables, so it changes no result."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONUNBUFFERED="1",
+              JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(_CACHE),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def _train_cmd(workdir, steps):
@@ -147,7 +153,9 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
       kind = rng.choice(DAMAGE)
       _corrupt(run / "checkpoints" / str(done[-1]), kind)
       corruptions.append({"round": r, "step": done[-1], "damage": kind})
-    readable = [s for s in done if not any(c["step"] == s and c["round"] == r for c in corruptions)]
+    # Steps both runs saved (a SIGTERM saves the step it stopped at, which the reference may not have).
+    readable = [s for s in done if not any(c["step"] == s and c["round"] == r for c in corruptions)
+                and (ref / "checkpoints" / str(s)).is_dir()]
     if readable and not _same(_params(run, readable[-1]), _params(ref, readable[-1])):
       mismatches += 1
       notes.append(f"round {r}: step {readable[-1]} differs from the reference")

@@ -167,6 +167,7 @@ def saving(mngr: ocp.CheckpointManager):
     failure = io_errors.write_failure(e)
     if failure is None:
       raise
+    io_errors.settle_writers()  # the save's other items: their failures are this one, said once
     raise errors.WriteError(mngr.directory, failure) from e
 
 

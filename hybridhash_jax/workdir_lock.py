@@ -20,6 +20,7 @@ from etils import epath
 import jax
 
 from hybridhash_jax import errors
+from hybridhash_jax import files
 
 LOCK_NAME = "run.lock"
 
@@ -48,12 +49,17 @@ def _create(path: epath.Path, holder: dict) -> bool:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    try:
+      with files.writing(path), os.fdopen(fd, "w") as f:
+        f.write(text)
+    except errors.WriteError:  # a full disk: no empty lock left to refuse the rerun
+      path.unlink(missing_ok=True)
+      raise
     return True
   if path.exists():  # a bucket: written, then read back to see which writer came last
     return False
-  path.write_text(text)
+  with files.writing(path):
+    path.write_text(text)
   return _read(path) == holder
 
 

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import os
 import pathlib
+import re
 import subprocess
 import uuid
 
@@ -13,6 +14,8 @@ import pytest
 from hybridhash_jax import errors
 from hybridhash_jax import files
 from hybridhash_jax import metric_writer
+from hybridhash_jax import workdir_lock
+from tests import helpers
 
 
 @contextlib.contextmanager
@@ -83,3 +86,38 @@ def test_a_metrics_line_on_a_full_disk(small_disk):
       _fill(small_disk)
       for step in range(2, 10_000):  # until a buffer is flushed
         writer.write(step, {"loss": 1.0, "pad": 0.0})
+
+
+def test_a_lock_on_a_full_disk_is_a_write_error_and_leaves_no_lock(small_disk):
+  """An empty lock left by the failed write would refuse the rerun as a run 'of PID ?'."""
+  (small_disk / "w").mkdir()
+  _fill(small_disk)
+  with pytest.raises(errors.WriteError, match=f"^cannot write {small_disk / 'w' / 'run.lock'}: No space left"):
+    workdir_lock.acquire(str(small_disk / "w"))
+  assert not (small_disk / "w" / "run.lock").exists()
+
+
+@pytest.fixture
+def disk_at_step_4(small_disk):
+  """A tiny run on the small disk, checkpointed at step 4."""
+  helpers.run_main(small_disk / "w", "num_train_steps=4")
+  return small_disk
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("leave", [20_000, 200_000])  # the save fails in its JSON items or in its arrays
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(disk_at_step_4, leave):
+  workdir = disk_at_step_4 / "w"
+  filler = _fill(disk_at_step_4, leave)
+  proc = subprocess.run(helpers.main_cmd(workdir, "num_train_steps=8"), cwd=helpers.REPO, env=helpers.cli_env(1),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1
+  lines = proc.stderr.splitlines()
+  assert [line for line in lines if line.startswith("error: ")] == [
+      f"error: cannot write {workdir / 'checkpoints'}: No space left on device"]
+  assert "Traceback" not in proc.stderr
+  assert not [line for line in lines if re.match(r"E\d{4} ", line)], proc.stderr  # orbax's own error logs
+  filler.unlink()
+  again = helpers.run_main(workdir, "num_train_steps=8")
+  assert f"Resumed from {workdir / 'checkpoints'} at step 4." in again.stderr
+  assert helpers.restore_state(workdir)[0] == 8
