@@ -202,7 +202,7 @@ def knn(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.
   """(distances int32 (nq, min(k, n)), ids int64): each query's first k codes in the stable order.
 
   queries and codes are packed uint8 (n, bytes) (or their `words`)."""
-  qw, dbw = _as_words(queries), _as_words(codes)
+  qw, dbw = as_words(queries), as_words(codes)
   limit = min(int(k), len(dbw))
   if limit < 1 or len(qw) == 0:
     return np.zeros((len(qw), max(limit, 0)), np.int32), np.zeros((len(qw), max(limit, 0)), np.int64)
@@ -212,7 +212,7 @@ def knn(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 def radius_search(queries: np.ndarray, codes: np.ndarray, radius: int):
   """(lims (nq + 1), distances, ids): query q's hits, every code within `radius`, are [lims[q], lims[q + 1])."""
-  qw, dbw = _as_words(queries), _as_words(codes)
+  qw, dbw = as_words(queries), as_words(codes)
   if len(dbw) == 0 or len(qw) == 0:
     return np.zeros(len(qw) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
   layout = _layout(len(qw), len(dbw))
@@ -227,6 +227,15 @@ def radius_search(queries: np.ndarray, codes: np.ndarray, radius: int):
   return lims, out_d, out_i
 
 
-def _as_words(x: np.ndarray) -> np.ndarray:
+def as_words(x: np.ndarray) -> np.ndarray:
+  """Codes or their words, as a read-only view of the words.
+
+  A built array and a memory-mapped one are then one numba type, so each kernel compiles once."""
   x = np.asarray(x)
-  return x if x.dtype == np.uint64 else words(x)
+  return read_only(x if x.dtype == np.uint64 else words(x))
+
+
+def read_only(x: np.ndarray) -> np.ndarray:
+  view = x.view()
+  view.flags.writeable = False
+  return view

@@ -261,7 +261,8 @@ class MultiIndex:
                table_codes: np.ndarray):
     self.codes, self.bits = codes, int(bits)
     self.subs, self.offsets, self.ids, self.table_codes = np.asarray(subs, np.int64), offsets, ids, table_codes
-    self._args = (table_codes.shape[2], self.subs, offsets, ids, table_codes.reshape(len(self.subs), -1))
+    self._args = (table_codes.shape[2], *map(hamming_kernels.read_only, (
+        self.subs, offsets, ids, table_codes.reshape(len(self.subs), -1))))
 
   @classmethod
   def build(cls, codes: np.ndarray, bits: int, tables: int | None = None) -> "MultiIndex":
@@ -288,7 +289,7 @@ class MultiIndex:
 
   def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(distances int32 (nq, min(k, n)), ids int64), as `hamming_kernels.knn`."""
-    qw = hamming_kernels.words(np.asarray(queries))
+    qw = hamming_kernels.as_words(queries)
     limit = min(int(k), len(self.codes))
     if limit < 1 or len(qw) == 0:
       return np.zeros((len(qw), max(limit, 0)), np.int32), np.zeros((len(qw), max(limit, 0)), np.int64)
@@ -299,7 +300,7 @@ class MultiIndex:
 
   def radius_search(self, queries: np.ndarray, radius: int):
     """(lims, distances, ids), as `hamming_kernels.radius_search`."""
-    qw = hamming_kernels.words(np.asarray(queries))
+    qw = hamming_kernels.as_words(queries)
     found = [_one(q, *self._args, 0, int(radius), len(self.codes)) for q in qw] if len(self.codes) else [
         (np.zeros(0, np.int32), np.zeros(0, np.int64))] * len(qw)
     lims = np.concatenate([[0], np.cumsum([len(cd) for cd, _ in found])]).astype(np.int64)

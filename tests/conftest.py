@@ -5,7 +5,9 @@ Most of the suite's time is XLA:CPU compiling the same tiny programs in many tes
 subprocesses; a persistent cache, fresh for each session, holding programs of any compile time and
 inherited by the subprocesses through the environment, compiles each once. It stores executables,
 so it changes no result. XLA:CPU compiles without LLVM's optimisations (`--xla_backend_optimization_level=0`):
-the tests' programs are tiny, so they compile in half the time and run as fast, within float32 rounding. The shared
+the tests' programs are tiny, so they compile in half the time and run as fast, within float32 rounding. The
+numba kernels are compiled at LLVM's level 1 (`NUMBA_OPT=1`; at 0 numba cannot cache them) into their own
+fresh cache, so a checkout's cache never holds less optimised kernels: integer code, the same results. The shared
 artefacts are read-only: a test that changes one copies it first.
 """
 
@@ -17,6 +19,8 @@ import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0") if f)
+os.environ["NUMBA_OPT"] = "1"
+os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybridhash-numba-cache-")
 
 from absl import flags
 import jax
@@ -33,6 +37,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+atexit.register(shutil.rmtree, os.environ["NUMBA_CACHE_DIR"], ignore_errors=True)
 flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; pytest never parses them.
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"  # the reference's outputs; see golden/README.md
