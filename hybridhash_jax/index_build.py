@@ -14,6 +14,7 @@ at all).
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import math
@@ -75,23 +76,31 @@ def write_version(out: str, codes: np.ndarray, table, info: dict, kind: str, nha
   index, params = searcher(kind, bits, codes, nhash, nlist)
   version = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
   names = {"codes": f"codes-{version}.npy"}
-  _save_npy(os.path.join(out, names["codes"]), codes)
-  if table is not None:
-    names["items"] = f"items-{version}.parquet"
-    files.write_stream(os.path.join(out, names["items"]), lambda f: pq.write_table(table, f))
-  if kind == "multihash":
-    for name, array in (("ids", index.ids), ("offsets", index.offsets), ("codes", index.table_codes)):
-      names[f"mih_{name}"] = f"mih-{name}-{version}.npy"
-      _save_npy(os.path.join(out, names[f"mih_{name}"]), array)
-  elif kind == "ivf":
-    names["faiss"] = f"index-{version}.faiss"
-    files.write_bytes(os.path.join(out, names["faiss"]), faiss.serialize_index_binary(index).tobytes())
-  new = {"format": hamming_index.FORMAT, "kind": kind, "params": params, **info, "bit_order": hamming_index.BIT_ORDER,
-         "count": len(codes), "files": names, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  if started is not None:
-    seconds = time.perf_counter() - started
-    new["build"] = {**info.get("build", {}), "seconds": round(seconds, 3), "codes_per_s": round(len(codes) / seconds)}
-  files.write_json(os.path.join(out, hamming_index.INDEX_JSON), new, indent=2)
+  try:
+    _save_npy(os.path.join(out, names["codes"]), codes)
+    if table is not None:
+      names["items"] = f"items-{version}.parquet"
+      files.write_stream(os.path.join(out, names["items"]), lambda f: pq.write_table(table, f))
+    if kind == "multihash":
+      for name, array in (("ids", index.ids), ("offsets", index.offsets), ("codes", index.table_codes)):
+        names[f"mih_{name}"] = f"mih-{name}-{version}.npy"
+        _save_npy(os.path.join(out, names[f"mih_{name}"]), array)
+    elif kind == "ivf":
+      names["faiss"] = f"index-{version}.faiss"
+      files.write_bytes(os.path.join(out, names["faiss"]), faiss.serialize_index_binary(index).tobytes())
+    new = {"format": hamming_index.FORMAT, "kind": kind, "params": params, **info,
+           "bit_order": hamming_index.BIT_ORDER, "count": len(codes), "files": names,
+           "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if started is not None:
+      seconds = time.perf_counter() - started
+      new["build"] = {**info.get("build", {}), "seconds": round(seconds, 3),
+                      "codes_per_s": round(len(codes) / seconds)}
+    files.write_json(os.path.join(out, hamming_index.INDEX_JSON), new, indent=2)
+  except BaseException:  # the old index.json still names the old files: the new version's are only in the way
+    for name in names.values():
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(out, name))
+    raise
   keep = set(names.values()) | {hamming_index.INDEX_JSON}
   for name in os.listdir(out):
     if name not in keep and (name.startswith(("index-", "items-", "codes-", "mih-")) or ".tmp" in name):

@@ -9,10 +9,14 @@ import subprocess
 import uuid
 
 from etils import epath
+import numpy as np
 import pytest
 
 from hybridhash_jax import errors
 from hybridhash_jax import files
+from hybridhash_jax import hamming_index
+from hybridhash_jax import index as index_cli
+from hybridhash_jax import index_build
 from hybridhash_jax import metric_writer
 from hybridhash_jax import workdir_lock
 from tests import helpers
@@ -121,3 +125,50 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(
   again = helpers.run_main(workdir, "num_train_steps=8")
   assert f"Resumed from {workdir / 'checkpoints'} at step 4." in again.stderr
   assert helpers.restore_state(workdir)[0] == 8
+
+
+def _index_files(out: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in out.iterdir() if p.name != index_build.STAGING)
+
+
+@pytest.mark.parametrize("when", ["staging", "commit"])
+def test_a_full_disk_during_an_index_build_keeps_the_old_index_and_the_staged_chunks(indexed, small_disk, monkeypatch,
+                                                                                      when):
+  """The disk fills after the first new chunk is staged, or once all are (while the new version is written)."""
+  src, out, encoder = small_disk / "imgs", small_disk / "out", indexed["encoder"]
+  db = sorted((indexed["root"] / "db").rglob("*.png"))
+  helpers.copy_images(indexed["root"] / "db", src, db[:24])
+  index_build.build(encoder, str(src), str(out), kind="multihash", chunk_size=4, progress=False)
+  old_files, old_codes = _index_files(out), hamming_index.HammingIndex.open(str(out)).codes
+  helpers.copy_images(indexed["root"] / "db", src, db[24:48])
+  fillers = []
+  if when == "staging":
+    write = index_build._Staging.write
+
+    def write_then_fill(self, *args):
+      path = write(self, *args)
+      fillers.append(fillers[0] if fillers else _fill(small_disk))
+      return path
+
+    monkeypatch.setattr(index_build._Staging, "write", write_then_fill)
+  else:
+    commit = index_build._commit
+    monkeypatch.setattr(index_build, "_commit", lambda *args: (fillers.append(_fill(small_disk)), commit(*args))[1])
+  argv = ["build", f"--workdir={indexed['workdir']}", f"--images={src}", f"--index={out}", "--kind=multihash",
+          "--chunk=4"]
+  with pytest.raises(SystemExit) as e:
+    index_cli.main(argv)
+  assert re.fullmatch(f"error: cannot write {out}/\\S+: No space left on device", e.value.code), e.value.code
+  assert _index_files(out) == old_files  # the old version, and nothing of the new one
+  np.testing.assert_array_equal(hamming_index.HammingIndex.open(str(out)).codes, old_codes)
+  staged = [p for p in (out / index_build.STAGING).iterdir() if p.suffix == ".npz"]
+  assert len(staged) == (1 if when == "staging" else 6)
+  fillers[0].unlink()
+  monkeypatch.undo()
+  info = index_build.build(encoder, str(src), str(out), kind="multihash", chunk_size=4, progress=False)
+  assert info["count"] == 48 and info["build"] == dict(info["build"], encoded=24 - 4 * len(staged), resumed=4 * len(
+      staged))
+  fresh = index_build.build(encoder, str(src), str(small_disk / "fresh"), kind="multihash", progress=False)
+  np.testing.assert_array_equal(hamming_index.HammingIndex.open(str(out)).codes,
+                                hamming_index.HammingIndex.open(str(small_disk / "fresh")).codes)
+  assert fresh["count"] == 48
