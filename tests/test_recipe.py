@@ -125,5 +125,6 @@ def test_folder_config_learns_a_png_tree_of_digits(tmp_path):
   data_fixtures.write_digits_folder(str(root))
   config = config_args.load(str(REPO / "configs" / "folder.py"))
   config.data.root = str(root)
+  config.num_epochs = config.eval_every_epochs = 6  # of its 15: 0.81-0.85 on seeds 0-1 (random codes: ~0.1)
   results = train.train_and_evaluate(config, str(tmp_path / "w"))
-  assert results["map"] >= 0.9, results
+  assert results["map"] >= 0.75, results
