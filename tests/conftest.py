@@ -16,6 +16,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0") if f)
@@ -56,6 +57,12 @@ class Trained:
 
   def config_with(self, **overrides):
     return helpers.with_overrides(self.config, **overrides)
+
+  def main(self, workdir, *overrides) -> subprocess.CompletedProcess:
+    """`main` on `workdir` in a process of its own, on one device, with this run's config and `overrides`."""
+    cmd = helpers.main_cmd(workdir, *[f"{k}={v}" for k, v in helpers.TRAINED.items()],
+                           f"init_checkpoint={self.config.init_checkpoint}", *overrides)
+    return subprocess.run(cmd, cwd=helpers.REPO, env=helpers.cli_env(1), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="session")

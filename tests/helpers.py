@@ -39,11 +39,6 @@ def with_overrides(config, **overrides):
   return c
 
 
-def trained_flags() -> list[str]:
-  """`TRAINED` as `main_cmd` overrides."""
-  return [f"{k}={v}" for k, v in TRAINED.items()]
-
-
 def cli_env(devices: int = 1, **extra) -> dict:
   """The environment of a CLI started by a test: CPU, `devices` simulated devices, this checkout importable."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), PYTHONUNBUFFERED="1",

@@ -7,7 +7,6 @@ import logging
 import os
 import pathlib
 import shutil
-import subprocess
 
 import jax
 import numpy as np
@@ -223,17 +222,10 @@ def test_a_config_of_another_run_is_refused_not_set_aside(trained, copy, monkeyp
   assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["4", "8"]
 
 
-def _main(workdir, trained, *overrides):
-  """`main` on one device with the config of the session's trained run."""
-  cmd = helpers.main_cmd(workdir, *helpers.trained_flags(), f"init_checkpoint={trained.config.init_checkpoint}",
-                         *overrides)
-  return subprocess.run(cmd, cwd=helpers.REPO, env=helpers.cli_env(1), capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_eval_only_on_an_unreadable_step_is_one_error_line(trained, copy):
   _flipped_header(copy / "checkpoints" / "8")
-  proc = _main(copy, trained, "eval_only=True")
+  proc = trained.main(copy, "eval_only=True")
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   errors_ = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -245,7 +237,7 @@ def test_eval_only_on_an_unreadable_step_is_one_error_line(trained, copy):
 @pytest.mark.slow
 def test_a_resumed_run_warns_once_without_traces(trained, copy):
   _flipped_header(copy / "checkpoints" / "8")
-  proc = _main(copy, trained)
+  proc = trained.main(copy)
   assert proc.returncode == 0, proc.stderr
   assert "Traceback" not in proc.stderr
   assert sum("unreadable" in line for line in proc.stderr.splitlines()) == 1

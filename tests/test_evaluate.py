@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from hybridhash_jax import models
 from hybridhash_jax import sharding
 from hybridhash_jax import train
 from tests import data_fixtures
-from tests.helpers import EVAL_ARTEFACTS, REPO, cli_env, main_cmd, tiny_config, trained_flags
+from tests.helpers import EVAL_ARTEFACTS, tiny_config
 
 
 def _fresh_eval(trained, tmp_path):
@@ -48,8 +47,7 @@ def test_eval_from_the_checkpoint_matches_training(trained, tmp_path):
 def test_eval_in_a_new_process_matches_training(trained, tmp_path):
   """One device in a new process: the same up to float32 summation order."""
   workdir = _fresh_eval(trained, tmp_path)
-  proc = subprocess.run([*main_cmd(workdir, *trained_flags(), "eval_only=True")], cwd=REPO, capture_output=True,
-                        text=True, timeout=600, env=cli_env(1))
+  proc = trained.main(workdir, "eval_only=True")
   assert proc.returncode == 0, proc.stderr
   _check_eval(workdir, trained, 1e-6)
 

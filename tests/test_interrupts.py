@@ -24,7 +24,9 @@ def _steps(ckpt_dir: pathlib.Path) -> list[str]:
   return sorted(p.name for p in ckpt_dir.iterdir())
 
 
-def test_sigint_saves_the_step_in_flight_even_when_signalled_again_during_the_save(tmp_path, monkeypatch, capsys):
+def test_sigint_saves_the_step_in_flight_even_when_signalled_again_during_the_save(trained, tmp_path, monkeypatch,
+                                                                                    capsys):
+  """The session's trained run again (its programs are compiled), stopped at step 2 of its 12."""
   write, save_train = metric_writer.MetricWriter.write, checkpoints.save_train
 
   def write_then_signal(self, step, metrics):
@@ -39,7 +41,7 @@ def test_sigint_saves_the_step_in_flight_even_when_signalled_again_during_the_sa
   monkeypatch.setattr(metric_writer.MetricWriter, "write", write_then_signal)
   monkeypatch.setattr(checkpoints, "save_train", save_then_signal)
   with pytest.raises(SystemExit) as e, cli.console():
-    train.train_and_evaluate(helpers.tiny_config(num_train_steps=50, checkpoint_every_steps=50), str(tmp_path))
+    train.train_and_evaluate(trained.config_with(checkpoint_every_steps=50), str(tmp_path))
   assert e.value.code == 130
   err = capsys.readouterr().err.splitlines()
   assert err[-1] == (f"stopped by SIGINT: step 2 is saved in {tmp_path / 'checkpoints'}; "

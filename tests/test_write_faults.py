@@ -5,6 +5,7 @@ import errno
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import uuid
 
@@ -102,19 +103,18 @@ def test_a_lock_on_a_full_disk_is_a_write_error_and_leaves_no_lock(small_disk):
 
 
 @pytest.fixture
-def disk_at_step_4(small_disk):
-  """A tiny run on the small disk, checkpointed at step 4."""
-  helpers.run_main(small_disk / "w", "num_train_steps=4")
+def disk_at_step_4(trained, small_disk):
+  """The session's trained run on the small disk, up to its checkpoint at step 4."""
+  shutil.copytree(trained.workdir, small_disk / "w", ignore=lambda d, names: {"8", "12"} & set(names))
   return small_disk
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("leave", [20_000, 200_000])  # the save fails in its JSON items or in its arrays
-def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(disk_at_step_4, leave):
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(trained, disk_at_step_4, leave):
   workdir = disk_at_step_4 / "w"
   filler = _fill(disk_at_step_4, leave)
-  proc = subprocess.run(helpers.main_cmd(workdir, "num_train_steps=8"), cwd=helpers.REPO, env=helpers.cli_env(1),
-                        capture_output=True, text=True, timeout=600)
+  proc = trained.main(workdir, "num_train_steps=8")
   assert proc.returncode == 1
   lines = proc.stderr.splitlines()
   assert [line for line in lines if line.startswith("error: ")] == [
@@ -122,7 +122,8 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_rerun_resumes(
   assert "Traceback" not in proc.stderr
   assert not [line for line in lines if re.match(r"E\d{4} ", line)], proc.stderr  # orbax's own error logs
   filler.unlink()
-  again = helpers.run_main(workdir, "num_train_steps=8")
+  again = trained.main(workdir, "num_train_steps=8")
+  assert again.returncode == 0, again.stderr
   assert f"Resumed from {workdir / 'checkpoints'} at step 4." in again.stderr
   assert helpers.restore_state(workdir)[0] == 8
 
