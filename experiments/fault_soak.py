@@ -142,7 +142,7 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
     sys.exit(f"the reference index build failed (exit {rc}); see {out / 'reference.log'}")
   ref_codes = _index_codes(ref / "index")
   max_wait = max_wait or ref_wall
-  kills, corruptions, mismatches, lost, notes = {}, [], 0, 0, []
+  kills, corruptions, mismatches, lost, notes, damaged = {}, [], 0, 0, [], set()
   for r in range(1, rounds + 1):
     rc = _kill_at_random(_train_cmd(run, steps), out / "run.log", rng.uniform(1.0, max_wait), rng, kills)
     if rc:
@@ -153,8 +153,9 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
       kind = rng.choice(DAMAGE)
       _corrupt(run / "checkpoints" / str(done[-1]), kind)
       corruptions.append({"round": r, "step": done[-1], "damage": kind})
+      damaged.add((run / "checkpoints" / str(done[-1])).stat().st_ino)  # until a resume sets it aside
     # Steps both runs saved (a SIGTERM saves the step it stopped at, which the reference may not have).
-    readable = [s for s in done if not any(c["step"] == s and c["round"] == r for c in corruptions)
+    readable = [s for s in done if (run / "checkpoints" / str(s)).stat().st_ino not in damaged
                 and (ref / "checkpoints" / str(s)).is_dir()]
     if readable and not _same(_params(run, readable[-1]), _params(ref, readable[-1])):
       mismatches += 1
