@@ -1,14 +1,16 @@
 """Fault soak: training and index builds killed at random moments, checkpoints corrupted, results compared.
 
-  python experiments/fault_soak.py --rounds=30 [--corrupt_every=3] [--seed=0] [--out=DIR]
+  python -m experiments.fault_soak --rounds=30 [--corrupt_every=3] [--seed=0] [--out=DIR]
 
 One unbroken run of the tiny config (tests/configs/tiny_train.py) and one index build from it are the
 reference. Then one workdir is trained round by round: each round starts (resumes) the run and kills it
-with SIGKILL or SIGTERM at a random moment, and every k-th round corrupts its newest checkpoint (when an
-older one is left to resume from). Each round also rebuilds an index from the reference checkpoint and
-kills that build at a random moment; whatever index is left must give the reference's codes. At the end
-the run and the build are completed and compared with the references: params bit for bit, and, should
-they differ (a checkpoint lost), the final mAP within --map_tolerance. Prints one JSON object.
+with SIGKILL or SIGTERM at a random moment (one round in four while it starts up and restores, the others
+a random fraction of a second after a random number of new steps, about steps / rounds), and every k-th
+round corrupts its newest checkpoint (when an older one is left to resume from). Each round also rebuilds
+an index from the reference checkpoint and kills that build at a random moment; whatever index is left
+must give the reference's codes. At the end the run and the build are completed and compared with the
+references: params bit for bit, and, should they differ (a checkpoint lost), the final mAP within
+--map_tolerance. Prints one JSON object.
 """
 
 import json
@@ -24,6 +26,8 @@ import time
 from absl import app
 from absl import flags
 
+from hybridhash_jax import cli
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny_train.py"
 
@@ -31,7 +35,7 @@ ROUNDS = flags.DEFINE_integer("rounds", 30, "Rounds of killed training and kille
 CORRUPT_EVERY = flags.DEFINE_integer("corrupt_every", 3, "Corrupt the newest checkpoint every k-th round.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the kill moments, signals and damage.")
 STEPS = flags.DEFINE_integer("steps", None, "num_train_steps of the runs (default 8 per round, at least 24).")
-MAX_WAIT = flags.DEFINE_float("max_wait", None, "Longest wait before a kill, s (default: the reference run's wall).")
+STARTUP_WAIT = flags.DEFINE_float("startup_wait", 5.0, "Longest wait of a kill during start-up, s.")
 MAP_TOLERANCE = flags.DEFINE_float("map_tolerance", 0.05, "Final mAP difference allowed where a checkpoint was lost.")
 OUT = flags.DEFINE_string("out", None, "Folder for the workdirs (default: a new temporary folder).")
 
@@ -69,10 +73,21 @@ def _finish(cmd, log_path) -> tuple[int, float]:
   return rc, time.perf_counter() - start
 
 
-def _kill_at_random(cmd, log_path, wait: float, rng: random.Random, counts: dict) -> int | None:
-  """Runs `cmd` and kills it after `wait` s with a random signal; the exit status if it ended first."""
+def _kill_at_random(cmd, log_path, wait: float, rng: random.Random, counts: dict, metrics=None,
+                    steps: int = 0) -> int | None:
+  """Runs `cmd` and kills it with a random signal `wait` s after it has logged `steps` new training steps to
+  `metrics` (its metrics.jsonl), or `wait` s after its start; the exit status if it ended first."""
+  start = metrics.stat().st_size if metrics is not None and metrics.exists() else 0
   with open(log_path, "a", encoding="utf-8") as log:
     proc = _start(cmd, log)
+    deadline = time.perf_counter() + 600
+    while steps and proc.poll() is None and time.perf_counter() < deadline:
+      if metrics.exists():
+        with open(metrics, "rb") as f:
+          f.seek(start)
+          if f.read().count(b'"loss"') >= steps:
+            break
+      time.sleep(0.01)
     try:
       return proc.wait(timeout=wait)
     except subprocess.TimeoutExpired:
@@ -126,7 +141,7 @@ def _final_map(workdir: pathlib.Path) -> float:
   return float(json.loads((workdir / "eval" / "results.json").read_text())["final"]["map"])
 
 
-def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: int, max_wait: float | None,
+def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: int, startup_wait: float,
          map_tolerance: float) -> dict:
   import numpy as np
   from hybridhash_jax import demo
@@ -134,17 +149,20 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
   rng = random.Random(seed)
   ref, run, images = out / "reference", out / "run", out / "images"
   demo.write_images(str(images), {f"c{i}": 8 for i in range(4)}, (20, 24))
-  rc, ref_wall = _finish(_train_cmd(ref, steps), out / "reference.log")
+  rc, _ = _finish(_train_cmd(ref, steps), out / "reference.log")
   if rc:
     sys.exit(f"the reference run failed (exit {rc}); see {out / 'reference.log'}")
   rc, index_wall = _finish(_index_cmd(ref, images, ref / "index"), out / "reference.log")
   if rc:
     sys.exit(f"the reference index build failed (exit {rc}); see {out / 'reference.log'}")
   ref_codes = _index_codes(ref / "index")
-  max_wait = max_wait or ref_wall
   kills, corruptions, mismatches, lost, notes, damaged = {}, [], 0, 0, [], set()
   for r in range(1, rounds + 1):
-    rc = _kill_at_random(_train_cmd(run, steps), out / "run.log", rng.uniform(1.0, max_wait), rng, kills)
+    if rng.random() < 0.25:  # while it starts up, restores or compiles
+      rc = _kill_at_random(_train_cmd(run, steps), out / "run.log", rng.uniform(0.5, startup_wait), rng, kills)
+    else:  # while it trains or saves
+      rc = _kill_at_random(_train_cmd(run, steps), out / "run.log", rng.uniform(0.0, 0.3), rng, kills,
+                           run / "metrics.jsonl", rng.randint(1, max(1, 2 * steps // rounds)))
     if rc:
       lost += 1
       notes.append(f"round {r}: the run exited with {rc}")
@@ -195,8 +213,10 @@ def main(argv):
   out = pathlib.Path(OUT.value or tempfile.mkdtemp(prefix="fault-soak-")).resolve()
   out.mkdir(parents=True, exist_ok=True)
   steps = STEPS.value or max(24, 8 * ROUNDS.value)
-  print(json.dumps(soak(out, ROUNDS.value, CORRUPT_EVERY.value, SEED.value, steps, MAX_WAIT.value,
-                        MAP_TOLERANCE.value)))
+  with cli.console():
+    table = soak(out, ROUNDS.value, CORRUPT_EVERY.value, SEED.value, steps, STARTUP_WAIT.value,
+                 MAP_TOLERANCE.value)
+  print(json.dumps(table))
 
 
 if __name__ == "__main__":

@@ -58,11 +58,16 @@ class Trained:
   def config_with(self, **overrides):
     return helpers.with_overrides(self.config, **overrides)
 
-  def main(self, workdir, *overrides) -> subprocess.CompletedProcess:
-    """`main` on `workdir` in a process of its own, on one device, with this run's config and `overrides`."""
+  def main(self, workdir, *overrides, devices=1, background=False):
+    """`main` on `workdir` in a process of its own with this run's config and `overrides`: run to its end
+    (a CompletedProcess), or started with stdout and stderr on pipes (a Popen). Its programs are compiled
+    once per session and device count."""
     cmd = helpers.main_cmd(workdir, *[f"{k}={v}" for k, v in helpers.TRAINED.items()],
                            f"init_checkpoint={self.config.init_checkpoint}", *overrides)
-    return subprocess.run(cmd, cwd=helpers.REPO, env=helpers.cli_env(1), capture_output=True, text=True, timeout=600)
+    kwargs = dict(cwd=helpers.REPO, env=helpers.cli_env(devices), text=True)
+    if background:
+      return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.run(cmd, capture_output=True, timeout=600, **kwargs)
 
 
 @pytest.fixture(scope="session")

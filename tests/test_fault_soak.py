@@ -11,11 +11,11 @@ from tests.helpers import REPO
 
 @pytest.mark.slow
 def test_three_rounds_lose_nothing(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "experiments.fault_soak", "--rounds=3", "--corrupt_every=2",
-                         "--steps=24", "--max_wait=12", "--seed=1", f"--out={tmp_path}"], cwd=REPO,
+  proc = subprocess.run([sys.executable, "-m", "experiments.fault_soak", "--rounds=3", "--corrupt_every=1",
+                         "--steps=24", "--seed=1", f"--out={tmp_path}"], cwd=REPO,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = json.loads(proc.stdout.strip().splitlines()[-1])
   assert table["rounds"] == 3 and table["kills"] >= 1, table
   assert table["mismatches"] == 0 and table["lost_runs"] == 0, table
-  assert table["corruptions_survived"] == table["corruptions"], table
+  assert table["corruptions_survived"] == table["corruptions"] >= 1, table

@@ -49,14 +49,6 @@ def test_sigint_saves_the_step_in_flight_even_when_signalled_again_during_the_sa
   assert _steps(tmp_path / "checkpoints") == ["2"]  # committed: no orbax temporary directory left
 
 
-def _run_main(workdir, *fields, background=False):
-  """The tiny config's `main` with its stdout and stderr apart (the interrupt line is on stderr)."""
-  cmd, env = helpers.main_cmd(workdir, *fields), helpers.cli_env(1)
-  if background:
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
 def _wait_for_a_line(path: pathlib.Path, proc, timeout=300):
   deadline = time.time() + timeout
   while not (path.exists() and path.read_text()):
@@ -65,8 +57,8 @@ def _wait_for_a_line(path: pathlib.Path, proc, timeout=300):
 
 
 @pytest.mark.slow
-def test_sigterm_twice_leaves_a_checkpoint_a_hint_and_no_traceback_then_resumes(tmp_path):
-  proc = _run_main(tmp_path, "num_train_steps=100000", "checkpoint_every_steps=3", background=True)
+def test_sigterm_twice_leaves_a_checkpoint_a_hint_and_no_traceback_then_resumes(trained, tmp_path):
+  proc = trained.main(tmp_path, "num_train_steps=100000", "checkpoint_every_steps=3", background=True)
   _wait_for_a_line(tmp_path / "metrics.jsonl", proc)  # a step has been logged
   proc.send_signal(signal.SIGTERM)
   time.sleep(0.2)
@@ -79,7 +71,7 @@ def test_sigterm_twice_leaves_a_checkpoint_a_hint_and_no_traceback_then_resumes(
   step = int(last.split("step ")[1].split()[0])
   assert str(step) in _steps(tmp_path / "checkpoints")
   assert not [p for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]  # every save committed
-  rerun = _run_main(tmp_path, f"num_train_steps={step + 2}")
+  rerun = trained.main(tmp_path, f"num_train_steps={step + 2}")
   assert rerun.returncode == 0, rerun.stderr
   assert f"Resumed from {tmp_path / 'checkpoints'} at step {step}" in rerun.stderr
   assert rerun.stdout.splitlines()[0].startswith("final mAP@") and f"at step {step + 2}" in rerun.stdout

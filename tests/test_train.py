@@ -21,7 +21,7 @@ from hybridhash_jax import models
 from hybridhash_jax import sharding
 from hybridhash_jax import train
 from tests import data_fixtures
-from tests.helpers import REPO, TINY, cli_env, logged_losses, main_cmd, restore_state, run_main, tiny_config
+from tests.helpers import REPO, TINY, cli_env, logged_losses, main_cmd, restore_state, tiny_config
 
 @pytest.mark.slow
 def test_one_step_on_four_devices_equals_one_device(tmp_path):
@@ -121,18 +121,19 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_exact(tmp_path):
+def test_kill_and_resume_is_exact(trained, tmp_path):
   """A run killed (SIGKILL) after a checkpoint resumes to the bits of an uninterrupted run. Only the killed run
-  needs a process of its own; it has this process's 4 devices, so all three runs compile the same programs."""
+  needs a process of its own; it has this process's 4 devices and the session's trained config, so all three
+  runs use the programs compiled once for the session."""
   killed, clean = tmp_path / "killed", tmp_path / "clean"
-  proc = run_main(killed, "num_train_steps=100000", devices=4, background=True)
+  proc = trained.main(killed, "num_train_steps=100000", devices=4, background=True)
   ckpt_dir = killed / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline:
     done = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
     if done:
       break
-    assert proc.poll() is None, proc.stdout.read()
+    assert proc.poll() is None, proc.communicate()
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -140,8 +141,8 @@ def test_kill_and_resume_is_exact(tmp_path):
     last = mngr.latest_step()
   assert last is not None and last % 4 == 0
   total = last + 8
-  train.train_and_evaluate(tiny_config(num_train_steps=total), str(killed))
-  train.train_and_evaluate(tiny_config(num_train_steps=total), str(clean))
+  train.train_and_evaluate(trained.config_with(num_train_steps=total), str(killed))
+  train.train_and_evaluate(trained.config_with(num_train_steps=total), str(clean))
   step_k, params_k, train_k = restore_state(killed)
   step_c, params_c, train_c = restore_state(clean)
   assert step_k == step_c == total
