@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM: training saves the step in flight and says so; `index build` keeps its staged chunks."""
 
+import gc
 import os
 import pathlib
 import signal
@@ -13,6 +14,7 @@ from hybridhash_jax import checkpoints
 from hybridhash_jax import cli
 from hybridhash_jax import demo
 from hybridhash_jax import index_build
+from hybridhash_jax import interrupts
 from hybridhash_jax import metric_writer
 from hybridhash_jax import train
 from tests import helpers
@@ -24,8 +26,7 @@ def _steps(ckpt_dir: pathlib.Path) -> list[str]:
   return sorted(p.name for p in ckpt_dir.iterdir())
 
 
-def test_sigint_saves_the_step_in_flight_even_when_signalled_again_during_the_save(trained, tmp_path, monkeypatch,
-                                                                                    capsys):
+def test_sigint_saves_the_step_in_flight_and_ignores_the_signals_after_it(trained, tmp_path, monkeypatch, capsys):
   """The session's trained run again (its programs are compiled), stopped at step 2 of its 12."""
   write, save_train = metric_writer.MetricWriter.write, checkpoints.save_train
 
@@ -38,7 +39,13 @@ def test_sigint_saves_the_step_in_flight_even_when_signalled_again_during_the_sa
     save_train(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGINT)  # arrives while the save is being committed
 
+  def signal_then_close(self):
+    os.kill(os.getpid(), signal.SIGINT)  # arrives after the stop, while the run closes its files
+    close(self)
+
+  close = metric_writer.MetricWriter.close
   monkeypatch.setattr(metric_writer.MetricWriter, "write", write_then_signal)
+  monkeypatch.setattr(metric_writer.MetricWriter, "close", signal_then_close)
   monkeypatch.setattr(checkpoints, "save_train", save_then_signal)
   with pytest.raises(SystemExit) as e, cli.console():
     train.train_and_evaluate(trained.config_with(checkpoint_every_steps=50), str(tmp_path))
@@ -112,3 +119,27 @@ def test_sigint_during_index_build_keeps_the_staged_chunks_and_a_rerun_resumes(t
                          timeout=300)
   assert rerun.returncode == 0, rerun.stderr
   assert f"{staged * 8} resumed" in rerun.stdout and "80 images indexed" in rerun.stdout
+
+
+def test_a_signal_raised_inside_a_gc_callback_still_stops_the_program():
+  """Python only reports an exception of a garbage-collector callback: the signal is sent again."""
+  sent = []
+
+  def signal_once(phase, info):
+    del info
+    if phase == "start" and not sent:
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(100):  # the handler runs here, inside the callback
+        time.sleep(0.001)
+
+  gc.callbacks.append(signal_once)
+  try:
+    with pytest.raises(interrupts.Interrupted, match="interrupted by SIGINT"), interrupts.handled():
+      gc.collect()
+      deadline = time.time() + 10
+      while time.time() < deadline:
+        time.sleep(0.01)
+  finally:
+    gc.callbacks.remove(signal_once)
+  assert sent
