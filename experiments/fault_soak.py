@@ -13,6 +13,7 @@ references: params bit for bit, and, should they differ (a checkpoint lost), the
 --map_tolerance. Prints one JSON object.
 """
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -156,8 +157,12 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
   if rc:
     sys.exit(f"the reference index build failed (exit {rc}); see {out / 'reference.log'}")
   ref_codes = _index_codes(ref / "index")
-  kills, corruptions, mismatches, lost, notes, damaged = {}, [], 0, 0, [], set()
+  kills, index_kills, corruptions, mismatches, lost, notes, damaged = {}, {}, [], 0, 0, [], set()
+  index, pool = run / "index", concurrent.futures.ThreadPoolExecutor(1)
   for r in range(1, rounds + 1):
+    # The round's index build runs beside its training run, killed with its own random stream.
+    build = pool.submit(_kill_at_random, _index_cmd(ref, images, index), out / "index.log",
+                        rng.uniform(1.0, 1.5 * index_wall), random.Random(rng.random()), index_kills)
     if rng.random() < 0.25:  # while it starts up, restores or compiles
       rc = _kill_at_random(_train_cmd(run, steps), out / "run.log", rng.uniform(0.5, startup_wait), rng, kills)
     else:  # while it trains or saves
@@ -167,7 +172,8 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
       lost += 1
       notes.append(f"round {r}: the run exited with {rc}")
     done = _steps(run / "checkpoints")
-    if r % corrupt_every == 0 and len(done) >= 2:
+    fresh = len(done) >= 2 and (run / "checkpoints" / str(done[-1])).stat().st_ino not in damaged  # not yet damaged
+    if r % corrupt_every == 0 and fresh:
       kind = rng.choice(DAMAGE)
       _corrupt(run / "checkpoints" / str(done[-1]), kind)
       corruptions.append({"round": r, "step": done[-1], "damage": kind})
@@ -178,8 +184,7 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
     if readable and not _same(_params(run, readable[-1]), _params(ref, readable[-1])):
       mismatches += 1
       notes.append(f"round {r}: step {readable[-1]} differs from the reference")
-    index = run / "index"
-    _kill_at_random(_index_cmd(ref, images, index), out / "index.log", rng.uniform(1.0, 1.5 * index_wall), rng, kills)
+    build.result()
     try:
       codes = _index_codes(index)
     except Exception as e:  # noqa: BLE001  # an unreadable index is what the soak counts
@@ -187,6 +192,7 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
     if codes is not None and not (isinstance(codes, np.ndarray) and np.array_equal(codes, ref_codes)):
       mismatches += 1
       notes.append(f"round {r}: the index left by the killed build is not the reference's: {codes!r:.200}")
+  build = pool.submit(_finish, _index_cmd(ref, images, index), out / "index.log")
   rc, _ = _finish(_train_cmd(run, steps), out / "run.log")
   if rc:
     lost += 1
@@ -195,15 +201,18 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
     if abs(_final_map(run) - _final_map(ref)) > map_tolerance:
       mismatches += 1
     notes.append(f"final params differ; mAP {_final_map(run):.4f} against {_final_map(ref):.4f}")
-  rc, _ = _finish(_index_cmd(ref, images, run / "index"), out / "index.log")
-  if rc or not np.array_equal(_index_codes(run / "index"), ref_codes):
+  rc, _ = build.result()
+  pool.shutdown()
+  if rc or not np.array_equal(_index_codes(index), ref_codes):
     mismatches += 1
     notes.append(f"the final index build {'exited with ' + str(rc) if rc else 'differs from the reference'}")
   aside = sorted(p.name for p in (run / "checkpoints").iterdir() if ".unreadable-" in p.name)
   survived = sum(min(sum(a.startswith(f"{s}.unreadable-") for a in aside), sum(c["step"] == s for c in corruptions))
                  for s in {c["step"] for c in corruptions})
-  return {"rounds": rounds, "kills": sum(kills.values()), "kills_by_signal": kills,
-          "corruptions": len(corruptions), "corruptions_survived": survived,
+  by_signal = {k: kills.get(k, 0) + index_kills.get(k, 0) for k in sorted({*kills, *index_kills})}
+  return {"rounds": rounds, "kills": sum(by_signal.values()), "kills_by_signal": by_signal,
+          "kills_of": {"training": sum(kills.values()), "index_build": sum(index_kills.values())},
+          "corruptions": len(corruptions), "corruptions_survived": survived, "corrupted": corruptions,
           "mismatches": mismatches, "lost_runs": lost, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
           "notes": notes, "workdir": str(out)}
 
