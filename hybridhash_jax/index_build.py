@@ -275,8 +275,8 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
   chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)][process_index::process_count]
   n_mine = sum(map(len, chunks))
   logging.info("%d images under %s: %d to encode (%d by this process)", len(rels), root, len(todo), n_mine)
-  bar = tqdm(total=n_mine, unit="img", desc=f"encoding (process {process_index})", disable=not progress)
-  with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+  with (tqdm(total=n_mine, unit="img", desc=f"encoding (process {process_index})", disable=not progress) as bar,
+        concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool):
     for chunk in chunks:
       loaded = list(pool.map(lambda r: _load_image(encoder, os.path.join(root, r)), chunk))
       good = [j for j, (img, _) in enumerate(loaded) if img is not None]
@@ -285,7 +285,6 @@ def build(encoder, images: str, out: str, *, kind: str = "flat", chunk_size: int
         codes[good] = hamming_index.pack(encoder.encode(np.stack([loaded[j][0] for j in good])))
       staging.write(chunk, [stats[r] for r in chunk], codes, [reason for _, reason in loaded])
       bar.update(len(chunk))
-  bar.close()
   if barrier:
     barrier("index-encoded")
   result = None

@@ -106,7 +106,7 @@ def test_a_failed_eval_write_keeps_the_previous_file(evaluated, monkeypatch, nam
 
 
 @pytest.mark.slow
-def test_every_workdir_file_goes_through_epath(tmp_path):
+def test_every_workdir_file_goes_through_epath(trained, tmp_path):
   """What the run writes itself (not orbax's checkpoints nor tensorboardX's events) uses etils.epath,
   so a gs:// workdir works: every such file was opened through epath's (here recording) backend."""
   opened = set()
@@ -120,7 +120,7 @@ def test_every_workdir_file_goes_through_epath(tmp_path):
     return replace_fn(path, dst)
 
   with epath_testing.mock_epath(open=record, replace=record_replace):
-    train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+    train.train_and_evaluate(trained.config_with(num_train_steps=2), str(tmp_path))
   written = {os.path.realpath(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path) for f in fs
              if not os.path.relpath(d, tmp_path).startswith(("checkpoints", "tensorboard"))}
   assert {os.path.basename(p) for p in written} >= {"splits.json", "metrics.jsonl", "results.json",

@@ -16,7 +16,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "colab_tpu.ipynb"
-STEPS = 60
+STEPS = 40
 
 
 @pytest.fixture
