@@ -171,16 +171,17 @@ def soak(out: pathlib.Path, rounds: int, corrupt_every: int, seed: int, steps: i
     if rc:
       lost += 1
       notes.append(f"round {r}: the run exited with {rc}")
-    done = _steps(run / "checkpoints")
-    fresh = len(done) >= 2 and (run / "checkpoints" / str(done[-1])).stat().st_ino not in damaged  # not yet damaged
-    if r % corrupt_every == 0 and fresh:
+    # A step's directory, by inode: a damaged one stays damaged until a resume sets it aside, and a step
+    # saved again under the same number is a new directory.
+    inode = {s: (run / "checkpoints" / str(s)).stat().st_ino for s in _steps(run / "checkpoints")}
+    done = sorted(inode)
+    if r % corrupt_every == 0 and len(done) >= 2 and inode[done[-1]] not in damaged:
       kind = rng.choice(DAMAGE)
       _corrupt(run / "checkpoints" / str(done[-1]), kind)
       corruptions.append({"round": r, "step": done[-1], "damage": kind})
-      damaged.add((run / "checkpoints" / str(done[-1])).stat().st_ino)  # until a resume sets it aside
+      damaged.add(inode[done[-1]])
     # Steps both runs saved (a SIGTERM saves the step it stopped at, which the reference may not have).
-    readable = [s for s in done if (run / "checkpoints" / str(s)).stat().st_ino not in damaged
-                and (ref / "checkpoints" / str(s)).is_dir()]
+    readable = [s for s in done if inode[s] not in damaged and (ref / "checkpoints" / str(s)).is_dir()]
     if readable and not _same(_params(run, readable[-1]), _params(ref, readable[-1])):
       mismatches += 1
       notes.append(f"round {r}: step {readable[-1]} differs from the reference")
