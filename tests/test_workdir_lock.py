@@ -67,7 +67,7 @@ def test_a_lock_released_by_another_is_not_deleted(tmp_path):
 @pytest.mark.slow
 def test_two_training_runs_on_one_workdir(tmp_path):
   """The second run refuses at once with one error line; the first one trains on."""
-  first = helpers.run_main(tmp_path, "num_train_steps=100000", background=True)
+  first = helpers.start_main(tmp_path, "num_train_steps=100000")
   try:
     deadline = time.time() + 300
     while not (tmp_path / "run.lock").exists():
