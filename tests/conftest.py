@@ -2,13 +2,14 @@
 session's shared artefacts: one tiny trained model, an index of its database, a random-weights search demo.
 
 Most of the suite's time is XLA:CPU compiling the same tiny programs in many tests and their
-subprocesses; a persistent cache, fresh for each session, holding programs of any compile time and
-inherited by the subprocesses through the environment, compiles each once. It stores executables,
-so it changes no result. XLA:CPU compiles without LLVM's optimisations (`--xla_backend_optimization_level=0`):
-the tests' programs are tiny, so they compile in half the time and run as fast, within float32 rounding. The
-numba kernels are compiled at LLVM's level 1 (`NUMBA_OPT=1`; at 0 numba cannot cache them) into their own
-fresh cache, so a checkout's cache never holds less optimised kernels: integer code, the same results. The shared
-artefacts are read-only: a test that changes one copies it first.
+subprocesses; a persistent cache, fresh for each run, holding programs of any compile time and
+inherited by pytest-xdist's workers and the subprocesses through the environment, compiles each once.
+It stores executables, so it changes no result. XLA:CPU compiles without LLVM's optimisations
+(`--xla_backend_optimization_level=0`): the tests' programs are tiny, so they compile in half the time and run
+as fast, within float32 rounding. The numba kernels are compiled at LLVM's level 1 (`NUMBA_OPT=1`; at 0 numba
+cannot cache them) into their own fresh cache, shared the same way, so a checkout's cache never holds less
+optimised kernels: integer code, the same results. The shared artefacts are read-only: a test that changes one
+copies it first.
 """
 
 import atexit
@@ -21,7 +22,11 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0") if f)
 os.environ["NUMBA_OPT"] = "1"
-os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybridhash-numba-cache-")
+# The first pytest process of a run makes the caches and alone removes them; its xdist workers inherit them.
+if "HYBRIDHASH_TEST_CACHES_OWNER" not in os.environ:
+  os.environ["HYBRIDHASH_TEST_CACHES_OWNER"] = str(os.getpid())
+  os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybridhash-numba-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybridhash-jax-cache-")
 
 from absl import flags
 import jax
@@ -33,13 +38,22 @@ from tests import helpers
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_platforms", "cpu")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybridhash-jax-cache-")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-atexit.register(shutil.rmtree, os.environ["NUMBA_CACHE_DIR"], ignore_errors=True)
+if os.environ["HYBRIDHASH_TEST_CACHES_OWNER"] == str(os.getpid()):
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  atexit.register(shutil.rmtree, os.environ["NUMBA_CACHE_DIR"], ignore_errors=True)
 flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; pytest never parses them.
+
+_MAX_WORKERS = 4  # each worker trains the session's shared model and holds 4 simulated devices of its own
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per usable core, at most `_MAX_WORKERS`."""
+  del config
+  return min(len(os.sched_getaffinity(0)), _MAX_WORKERS)
+
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"  # the reference's outputs; see golden/README.md
 
