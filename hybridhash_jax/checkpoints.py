@@ -22,6 +22,7 @@ error, a truncated or missing file, unreadable metadata, a commit marker without
 import contextlib
 import dataclasses
 import json
+import logging as py_logging
 import time
 from typing import Any, Callable
 import zlib
@@ -118,9 +119,11 @@ def _cause(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_orbax():
-  """Orbax logs every failed read (with its trace) before raising; the raised error says it once."""
+  """Orbax's log lines where they say nothing to the user: it logs every failed read (with its trace) before
+  raising, and the raised error says it once; it warns of a read-only manager and of an overridden handler,
+  which are meant."""
   previous = logging.get_absl_logger().level
-  logging.get_absl_logger().setLevel(logging.ERROR + 10)
+  logging.get_absl_logger().setLevel(py_logging.CRITICAL + 1)
   try:
     yield
   finally:
@@ -265,8 +268,9 @@ def _one_writer_per_host() -> None:
   replica and array (on 4 devices, thousands of small compiles at a run's first save).
   """
   if jax.process_count() == 1:
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    with _quiet_orbax():  # its warning that a handler is overridden
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 def save_params(directory: str, params: Any, config: dict, step: int = 0) -> None:

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,14 @@ def start_main(workdir, *overrides):
   """Starts `main_cmd` on one device, its output on a pipe."""
   return subprocess.Popen(main_cmd(workdir, *overrides), env=cli_env(1), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
+
+
+def foreign_log_lines(text: str) -> list[str]:
+  """The absl-formatted log lines of `text` ("I1204 04:37:33.219784 1399 main.py:72] ...") from files that are not
+  this package's modules: other libraries' lines that reached the console."""
+  ours = {p.name for p in (REPO / "hybridhash_jax").rglob("*.py")}
+  lines = [l for l in text.splitlines() if re.match(r"[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ", l)]
+  return [l for l in lines if l.split()[3].rsplit(":", 1)[0] not in ours]
 
 
 def logged_losses(workdir) -> dict[int, float]:

@@ -22,3 +22,10 @@ def test_replicated_arrays_are_written_without_slicing_them_per_replica(tmp_path
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)}, fields=())
   for k, v in params.items():
     np.testing.assert_array_equal(restored.items["params"][k], v)
+
+
+def test_choosing_the_writer_logs_no_override_notice(tmp_path, caplog):
+  caplog.set_level("WARNING")
+  checkpoints.manager(str(tmp_path), keep=1).close()
+  checkpoints.save_params(str(tmp_path / "params"), {"b": np.ones(2, np.float32)}, {"model": {}})
+  assert not [r for r in caplog.records if "overriding" in r.getMessage()], caplog.text

@@ -23,6 +23,7 @@ from hybridhash_jax import index as index_cli
 from hybridhash_jax import metrics
 from hybridhash_jax.data import images
 from tests import data_fixtures
+from tests import helpers
 from tests.helpers import REPO, cli_env, copy_images
 
 ENV = cli_env(1)
@@ -213,6 +214,7 @@ def test_two_processes_build_the_single_process_index(indexed, tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n\n".join(outs)
   assert "(process 1)" in outs[1]  # process 1 encoded its share
+  assert [helpers.foreign_log_lines(o) for o in outs] == [[], []]  # other libraries stay off the console
   single = index_build.build(indexed["encoder"], str(src), str(tmp_path / "single"), progress=False)
   a = hamming_index.HammingIndex.open(str(tmp_path / "multi"))
   b = hamming_index.HammingIndex.open(str(tmp_path / "single"))

@@ -81,6 +81,7 @@ def test_sigterm_twice_leaves_a_checkpoint_a_hint_and_no_traceback_then_resumes(
   rerun = trained.main(tmp_path, f"num_train_steps={step + 2}")
   assert rerun.returncode == 0, rerun.stderr
   assert f"Resumed from {tmp_path / 'checkpoints'} at step {step}" in rerun.stderr
+  assert helpers.foreign_log_lines(rerun.stderr) == []  # other libraries stay off the console
   assert rerun.stdout.splitlines()[0].startswith("final mAP@") and f"at step {step + 2}" in rerun.stdout
 
 
